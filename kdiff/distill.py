@@ -1,0 +1,263 @@
+"""Progressive distillation (Salimans & Ho 2022): a 2N-step teacher -> an N-step student.
+
+:class:`ProgressiveDistiller` computes, for one data batch, everything a training step needs:
+the times, ``z_t``, the teacher's two DDIM half-steps (no gradient), the target
+``x_tilde``/``eps_tilde``, the student's prediction and the weighted loss. CFD reuses the target
+image and the student's x-prediction from the same output, so nothing is computed twice.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._validation import check_batch, check_choice, check_same_shape, check_tensor, value_checks_enabled
+from .functional import WEIGHTINGS, ddim_update, pd_loss, pd_target
+from .parameterization import normalize_prediction_type, to_x_eps
+from .schedules import NoiseSchedule
+
+__all__ = ["DistillationOutput", "ProgressiveDistiller"]
+
+Model = Callable[..., Tensor]
+
+
+@dataclass
+class DistillationOutput:
+    """Everything one progressive-distillation step computed (all tensors, no host syncs).
+
+    Attributes:
+        loss: Batch-mean student loss under the chosen weighting (scalar, differentiable).
+        loss_per_sample: The same per example, [B].
+        t: Student times per sample, [B]; ``t_mid`` (``t'``) and ``t_next`` (``t''``) follow.
+        t_mid: Teacher's intermediate time ``t' = t - stride/2``.
+        t_next: ``t'' = t - stride``, where the student's single step lands.
+        z_t: Noisy input ``alpha_t x + sigma_t eps``.
+        z_mid: Teacher's first half-step result ``z_t'``.
+        z_next: Teacher's two-step result ``z_t''``.
+        x_target: ``x_tilde``; ``eps_target``: ``eps_tilde``.
+        student_output: The student's raw output (its own prediction type).
+        x_pred: Student ``x_hat`` (differentiable); ``eps_pred``: student ``eps_hat``.
+        alpha_t, sigma_t: Coefficients at ``t``.
+    """
+
+    loss: Tensor
+    loss_per_sample: Tensor
+    t: Tensor
+    t_mid: Tensor
+    t_next: Tensor
+    z_t: Tensor
+    z_mid: Tensor
+    z_next: Tensor
+    x_target: Tensor
+    eps_target: Tensor
+    student_output: Tensor
+    x_pred: Tensor
+    eps_pred: Tensor
+    alpha_t: Tensor
+    sigma_t: Tensor
+
+
+class ProgressiveDistiller:
+    """Distil a teacher DDIM sampler with ``2N`` steps into a student with ``N`` steps.
+
+    For a data batch ``x``: draw a student step ``k ~ U{1..N}`` per sample, ``t = t_k`` on the
+    schedule's ``N``-step grid, ``t' = t - stride/2``, ``t'' = t - stride``; ``z_t = alpha_t x +
+    sigma_t eps``; the teacher takes DDIM steps ``t -> t' -> t''`` without gradient; the target is
+
+        ``x_tilde = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t)``
+
+    and the student is trained at ``(z_t, t)`` towards it.
+
+    Args:
+        teacher: ``teacher(z_t, t, **model_kwargs)``; called under ``torch.no_grad``.
+        student: ``student(z_t, t, **model_kwargs)``, trained.
+        schedule: The noise schedule (continuous or discrete).
+        num_student_steps: ``N``; ``2N`` must divide ``T`` for a discrete schedule.
+        teacher_prediction: Teacher output type: "x", "eps" or "v".
+        student_prediction: Student output type: "x", "eps" or "v".
+        weighting: "truncated_snr" (paper default), "snr_plus_one", "x_mse" or "eps_mse".
+        clip_teacher_x: Clip the teacher's ``x_hat`` to [-1, 1] in its half-steps (off in PD).
+
+    Example:
+        >>> import torch
+        >>> from kdiff import CosineSchedule, ProgressiveDistiller
+        >>> teacher = lambda z, t: 0.5 * z        # any callable works
+        >>> student = torch.nn.Conv2d(3, 3, 1)
+        >>> pd = ProgressiveDistiller(teacher, lambda z, t: student(z), CosineSchedule(), 4)
+        >>> out = pd(torch.randn(8, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+        >>> out.loss.backward()
+        >>> half = pd.next_round()               # 4 -> 2 steps, the student becomes the teacher
+        >>> half.num_student_steps
+        2
+    """
+
+    def __init__(
+        self,
+        teacher: Model,
+        student: Model,
+        schedule: NoiseSchedule,
+        num_student_steps: int,
+        *,
+        teacher_prediction: str = "x",
+        student_prediction: str = "x",
+        weighting: str = "truncated_snr",
+        clip_teacher_x: bool = False,
+    ) -> None:
+        if not callable(teacher):
+            raise TypeError(f"teacher must be callable; got {type(teacher).__name__}")
+        if not callable(student):
+            raise TypeError(f"student must be callable; got {type(student).__name__}")
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule must be a kdiff NoiseSchedule; got {type(schedule).__name__}")
+        schedule.check_num_steps(num_student_steps, name="num_student_steps")
+        # The teacher samples with 2N steps on the same schedule.
+        if isinstance(num_student_steps, int):
+            schedule.check_num_steps(2 * num_student_steps, name="2 * num_student_steps (teacher steps)")
+        check_choice("weighting", weighting, WEIGHTINGS)
+        self.teacher = teacher
+        self.student = student
+        self.schedule = schedule
+        self.num_student_steps = num_student_steps
+        self.teacher_prediction = normalize_prediction_type(teacher_prediction, name="teacher_prediction")
+        self.student_prediction = normalize_prediction_type(student_prediction, name="student_prediction")
+        self.weighting = weighting
+        self.clip_teacher_x = clip_teacher_x
+
+    @property
+    def stride(self) -> float:
+        """Student step size in schedule time (``1/N`` or ``T/N``)."""
+        return self.schedule.t_max / self.num_student_steps
+
+    def sample_times(
+        self, batch_size: int, *, device: torch.device | str | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Draw student times ``t = k * stride`` with ``k ~ U{1..N}``, float32 [B]."""
+        k = torch.randint(1, self.num_student_steps + 1, (batch_size,), generator=generator, device=device)
+        return k.to(torch.float32) * self.stride
+
+    def _teacher_step(self, z: Tensor, t: Tensor, s: Tensor, alpha_t: Tensor, sigma_t: Tensor,
+                      alpha_s: Tensor, sigma_s: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        out = self.teacher(z, t.to(torch.float32) if z.dtype != torch.float64 else t, **kwargs)
+        x_hat, eps_hat = to_x_eps(out.to(z.dtype), z, alpha_t, sigma_t, self.teacher_prediction)
+        if self.clip_teacher_x:
+            x_hat = x_hat.clamp(-1.0, 1.0)
+            eps_hat = to_x_eps(x_hat, z, alpha_t, sigma_t, "x")[1]
+        return ddim_update(x_hat, eps_hat, alpha_s, sigma_s)
+
+    def __call__(
+        self,
+        x: Tensor,
+        *,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> DistillationOutput:
+        """One distillation step's forward pass for data batch ``x``.
+
+        Args:
+            x: Clean data, [B, ...] (e.g. images in [-1, 1]).
+            t: Student times per sample, [B], on the student's grid (drawn when omitted).
+            noise: ``eps`` shaped like ``x`` (drawn when omitted).
+            generator: Random generator for drawing ``t`` and ``noise``.
+            model_kwargs: Passed to teacher and student (e.g. ``{"y": labels}``).
+
+        Returns:
+            :class:`DistillationOutput`; call ``.loss.backward()``.
+        """
+        check_tensor("x", x)
+        if x.ndim < 2 or not x.is_floating_point():
+            raise ValueError(f"x must be a floating tensor of shape [B, ...]; got {x.dtype} {tuple(x.shape)}")
+        batch = x.shape[0]
+        kwargs = model_kwargs or {}
+        if t is None:
+            t = self.sample_times(batch, device=x.device, generator=generator)
+        else:
+            check_tensor("t", t)
+            check_batch("t", t, batch)
+            self._check_on_grid(t)
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        else:
+            check_tensor("noise", noise)
+            check_same_shape("noise", noise, "x", x)
+
+        dtype = x.dtype
+        t_mid = t - 0.5 * self.stride
+        t_next = t - self.stride
+        a_t, s_t = self.schedule.alpha_sigma(t, dtype=dtype)
+        a_m, s_m = self.schedule.alpha_sigma(t_mid, dtype=dtype, name="t_mid")
+        a_n, s_n = self.schedule.alpha_sigma(t_next, dtype=dtype, name="t_next")
+        z_t = ddim_update(x, noise.to(dtype), a_t, s_t)
+
+        with torch.no_grad():
+            z_mid = self._teacher_step(z_t, t, t_mid, a_t, s_t, a_m, s_m, kwargs)
+            z_next = self._teacher_step(z_mid, t_mid, t_next, a_m, s_m, a_n, s_n, kwargs)
+            x_tilde, eps_tilde = pd_target(z_t, z_next, a_t, s_t, a_n, s_n)
+
+        student_output = self.student(z_t, t.to(torch.float32) if dtype != torch.float64 else t, **kwargs)
+        x_hat, eps_hat = to_x_eps(student_output.to(dtype), z_t, a_t, s_t, self.student_prediction)
+        per_sample = pd_loss(x_hat, x_tilde, a_t, s_t, weighting=self.weighting, reduction="none")
+        return DistillationOutput(
+            loss=per_sample.mean(),
+            loss_per_sample=per_sample,
+            t=t,
+            t_mid=t_mid,
+            t_next=t_next,
+            z_t=z_t,
+            z_mid=z_mid,
+            z_next=z_next,
+            x_target=x_tilde,
+            eps_target=eps_tilde,
+            student_output=student_output,
+            x_pred=x_hat,
+            eps_pred=eps_hat,
+            alpha_t=a_t,
+            sigma_t=s_t,
+        )
+
+    def _check_on_grid(self, t: Tensor) -> None:
+        self.schedule.check_times(t)
+        if value_checks_enabled(t) and t.numel() > 0:
+            k = t.double() / self.stride
+            if not bool(((k - k.round()).abs() < 1e-6).all()) or float(k.min()) < 1 - 1e-6:
+                raise ValueError(
+                    f"t must lie on the student's grid k * {self.stride:g} with k in 1..{self.num_student_steps}"
+                )
+
+    def next_round(self, student: Model | None = None) -> ProgressiveDistiller:
+        """The next PD round: ``N -> N/2``, this student becomes the teacher.
+
+        Args:
+            student: The new student; defaults to a deep copy of the current student (its
+                weights are the usual initialisation of the next round). The current student,
+                now the teacher, is put in eval mode with gradients off when it is a module.
+
+        Raises:
+            ValueError: If ``N`` is odd (it cannot halve).
+        """
+        if self.num_student_steps % 2:
+            raise ValueError(
+                f"num_student_steps={self.num_student_steps} is odd and cannot halve; "
+                "the last round is the 1-step student"
+            )
+        teacher = self.student
+        if student is None:
+            student = copy.deepcopy(teacher)
+        if isinstance(teacher, torch.nn.Module):
+            teacher.eval().requires_grad_(False)
+        return ProgressiveDistiller(
+            teacher,
+            student,
+            self.schedule,
+            self.num_student_steps // 2,
+            teacher_prediction=self.student_prediction,
+            student_prediction=self.student_prediction,
+            weighting=self.weighting,
+            clip_teacher_x=self.clip_teacher_x,
+        )
