@@ -12,7 +12,13 @@ Public API (see ``docs/``):
 from ._validation import set_value_checks
 from .classifier import ClassifierTransform, FrozenClassifier
 from .distill import DistillationOutput, ProgressiveDistiller
-from .losses import CFDLoss, CFDLossOutput, ClassifierFeatureLoss, DatasetOrientedLoss, FeatureLossOutput
+from .losses import (
+    CFDLoss,
+    CFDLossOutput,
+    ClassifierFeatureLoss,
+    DatasetOrientedLoss,
+    FeatureLossOutput,
+)
 from .sampling import DDIMStep, DDIMStepOutput, ddim_sample, ddim_step
 from .schedules import CosineSchedule, DiscreteSchedule, NoiseSchedule, schedule_from_dict
 

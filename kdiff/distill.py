@@ -16,7 +16,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._validation import check_batch, check_choice, check_same_shape, check_tensor, value_checks_enabled
+from ._validation import (
+    check_batch,
+    check_choice,
+    check_same_shape,
+    check_tensor,
+    value_checks_enabled,
+)
 from .functional import WEIGHTINGS, ddim_update, pd_loss, pd_target
 from .parameterization import normalize_prediction_type, to_x_eps
 from .schedules import NoiseSchedule

@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._validation import append_dims, check_choice, check_positive, check_same_shape, check_unit_interval
+from ._validation import (
+    append_dims,
+    check_choice,
+    check_positive,
+    check_same_shape,
+    check_unit_interval,
+)
 from .distributed import all_gather_with_grad, world_size
 
 __all__ = [

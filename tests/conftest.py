@@ -1,0 +1,29 @@
+"""Shared test settings: float64 maths, hypothesis profiles, the local CIFAR-10 copy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "default", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("ci", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def data_root() -> Path:
+    """Folder holding ``cifar-10-batches-py``: ``$KDIFF_DATA_DIR`` or the repo's ``../shared/data``."""
+    env = os.environ.get("KDIFF_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def cifar_root() -> Path:
+    root = data_root()
+    if not (root / "cifar-10-batches-py").is_dir() and not (root / "data_batch_1").is_file():
+        pytest.skip(f"CIFAR-10 python batches not found under {root}; set KDIFF_DATA_DIR")
+    return root

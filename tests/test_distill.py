@@ -1,0 +1,198 @@
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from kdiff import CosineSchedule, DiscreteSchedule, ProgressiveDistiller, ddim_step
+from kdiff.functional import pd_loss, pd_target
+from kdiff.parameterization import convert
+
+from strategies import PREDICTION_TYPES, schedules, tensors
+
+SHAPE = (5, 2, 3, 3)
+
+
+def make_teacher(seed: int):
+    """An arbitrary nonlinear, time-dependent 'network' (float64), and a record of its calls."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(2, 2, generator=g, dtype=torch.float64)
+    b = torch.randn(2, generator=g, dtype=torch.float64)
+    calls = []
+
+    def teacher(z, t, y=None):
+        calls.append(t)
+        tt = t.to(z.dtype).view(-1, 1, 1, 1) / 100.0
+        h = torch.einsum("oc,bchw->bohw", w, z) + b.view(1, -1, 1, 1)
+        out = torch.tanh(h) * (1 + tt) + 0.1 * torch.sin(3 * tt) * z
+        return out if y is None else out + y.view(-1, 1, 1, 1)
+
+    return teacher, calls
+
+
+@given(
+    sched=schedules(),
+    data=st.data(),
+    teacher_kind=st.sampled_from(PREDICTION_TYPES),
+    student_kind=st.sampled_from(PREDICTION_TYPES),
+)
+def test_student_step_with_x_tilde_reproduces_teacher_two_steps(sched, data, teacher_kind, student_kind):
+    T_steps = [2, 4, 8, 16] if not sched.is_discrete else [n for n in (1, 2, 4, 8, 16, 24) if sched.num_timesteps % (2 * n) == 0]
+    n = data.draw(st.sampled_from(T_steps))
+    teacher, _ = make_teacher(data.draw(st.integers(0, 1000)))
+    x = data.draw(tensors(SHAPE, scale=1.0))
+    pd = ProgressiveDistiller(teacher, teacher, sched, n, teacher_prediction=teacher_kind, student_prediction=student_kind)
+    k = torch.tensor(data.draw(st.lists(st.integers(1, n), min_size=SHAPE[0], max_size=SHAPE[0])), dtype=torch.float64)
+    t = k * (sched.t_max / n)
+    # An eps-predicting student cannot express x where alpha_t ~ 0 (x_hat = (z - sigma eps) / alpha):
+    # the exact cosine schedule has alpha_1 = 6e-17. That is the parameterization's limit, not PD's.
+    assume(student_kind != "eps" or float(sched.alpha(t, dtype=torch.float64).min()) > 1e-8)
+    out = pd(x, t=t)
+    # A student whose output is x_tilde (expressed in its own parameterization) takes ONE DDIM step t -> t''.
+    student_pred = convert(out.x_target, out.z_t, out.alpha_t, out.sigma_t, source="x", target=student_kind)
+    one_step = ddim_step(student_pred, out.z_t, out.t, out.t_next, schedule=sched, prediction_type=student_kind)
+    scale = 1.0 + out.z_next.abs().max()
+    torch.testing.assert_close(one_step.prev_sample / scale, out.z_next / scale, rtol=0, atol=1e-9)
+    # And the teacher's two steps are what DDIM gives when called directly.
+    t_mid = out.t_mid
+    z_mid = ddim_step(teacher(out.z_t, out.t), out.z_t, out.t, t_mid, schedule=sched, prediction_type=teacher_kind).prev_sample
+    z_two = ddim_step(teacher(z_mid, t_mid), z_mid, t_mid, out.t_next, schedule=sched, prediction_type=teacher_kind).prev_sample
+    torch.testing.assert_close(z_two, out.z_next, rtol=1e-10, atol=1e-10)
+
+
+def test_sigma_next_zero_case():
+    """Exact cosine schedule: the last step lands at t'' = 0 where sigma = 0, so x_tilde = z_t'' / alpha_t''."""
+    sched = CosineSchedule(logsnr_min=None, logsnr_max=None)
+    teacher, _ = make_teacher(0)
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    pd = ProgressiveDistiller(teacher, teacher, sched, 4)
+    out = pd(x, t=torch.full((5,), 0.25, dtype=torch.float64))
+    assert float(out.t_next.abs().max()) == 0.0
+    torch.testing.assert_close(out.x_target, out.z_next)  # alpha_0 = 1
+    a, s = sched.alpha_sigma(torch.tensor([0.0]), dtype=torch.float64)
+    assert float(s) == 0.0 and float(a) == 1.0
+    x_tilde, _ = pd_target(out.z_t, out.z_next, out.alpha_t, out.sigma_t, torch.ones(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64))
+    torch.testing.assert_close(x_tilde, out.z_next)
+
+
+def test_explicit_times_and_noise_are_used_and_reproducible():
+    sched = DiscreteSchedule.cosine(64)
+    teacher, calls = make_teacher(1)
+    student = torch.nn.Conv2d(2, 2, 1).double()
+    pd = ProgressiveDistiller(teacher, lambda z, t: student(z), sched, 8)
+    x, eps = torch.randn(SHAPE, dtype=torch.float64), torch.randn(SHAPE, dtype=torch.float64)
+    t = torch.tensor([8.0, 16, 24, 64, 32], dtype=torch.float64)
+    out = pd(x, t=t, noise=eps)
+    a, s = sched.alpha_sigma(t, dtype=torch.float64)
+    torch.testing.assert_close(out.z_t, a.view(-1, 1, 1, 1) * x + s.view(-1, 1, 1, 1) * eps)
+    assert torch.equal(calls[0], t) and torch.equal(calls[1], t - 4) and torch.equal(out.t_next, t - 8)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    o1, o2 = pd(x, generator=g1), pd(x, generator=g2)
+    assert torch.equal(o1.t, o2.t) and torch.equal(o1.z_t, o2.z_t) and torch.equal(o1.loss, o2.loss)
+    assert set((o1.t / 8).tolist()) <= set(range(1, 9))
+
+
+def test_gradients_reach_student_only_and_nothing_of_teacher_is_kept():
+    sched = CosineSchedule()
+    teacher_net = torch.nn.Conv2d(2, 2, 1)
+    student_net = torch.nn.Conv2d(2, 2, 1)
+    pd = ProgressiveDistiller(lambda z, t: teacher_net(z), lambda z, t: student_net(z), sched, 4)
+    out = pd(torch.randn(4, 2, 3, 3))
+    assert not out.x_target.requires_grad and not out.z_next.requires_grad
+    out.loss.backward()
+    assert teacher_net.weight.grad is None and student_net.weight.grad is not None
+
+
+@pytest.mark.parametrize("weighting", ["truncated_snr", "snr_plus_one", "x_mse", "eps_mse"])
+def test_weightings_match_definitions(weighting):
+    sched = DiscreteSchedule.cosine(32)
+    teacher, _ = make_teacher(2)
+    student = torch.nn.Conv2d(2, 2, 1).double()
+    pd = ProgressiveDistiller(teacher, lambda z, t: student(z), sched, 4, student_prediction="eps", weighting=weighting)
+    out = pd(torch.randn(SHAPE, dtype=torch.float64), generator=torch.Generator().manual_seed(0))
+    x_err = (out.x_pred - out.x_target).square().flatten(1).mean(1)
+    eps_err = (out.eps_pred - out.eps_target).square().flatten(1).mean(1)
+    a, s = out.alpha_t.view(-1, 1, 1, 1), out.sigma_t.view(-1, 1, 1, 1)
+    v_err = ((a * out.eps_pred - s * out.x_pred) - (a * out.eps_target - s * out.x_target)).square().flatten(1).mean(1)
+    expected = {"truncated_snr": torch.maximum(x_err, eps_err), "snr_plus_one": v_err, "x_mse": x_err, "eps_mse": eps_err}[weighting]
+    torch.testing.assert_close(out.loss_per_sample, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out.loss, expected.mean(), rtol=1e-9, atol=1e-12)
+
+
+def test_class_conditional_kwargs_pass_through():
+    teacher, calls = make_teacher(3)
+    seen = []
+
+    def student(z, t, y=None):
+        seen.append(y)
+        return z
+
+    y = torch.arange(5)
+    pd = ProgressiveDistiller(lambda z, t, y: teacher(z, t, y=y.double()), student, DiscreteSchedule.cosine(16), 2)
+    pd(torch.randn(SHAPE, dtype=torch.float64), model_kwargs={"y": y})
+    assert len(calls) == 2 and seen[0] is y
+
+
+def test_next_round_halves_and_promotes_student():
+    teacher_net, student_net = torch.nn.Conv2d(2, 2, 1), torch.nn.Conv2d(2, 2, 1)
+    pd = ProgressiveDistiller(teacher_net, student_net, DiscreteSchedule.cosine(16), 4, student_prediction="v")
+    nxt = pd.next_round()
+    assert nxt.num_student_steps == 2 and nxt.teacher is student_net
+    assert nxt.student is not student_net and torch.equal(nxt.student.weight, student_net.weight)
+    assert nxt.teacher_prediction == "v" and not student_net.training
+    assert not any(p.requires_grad for p in student_net.parameters())
+    last = ProgressiveDistiller(teacher_net, student_net, DiscreteSchedule.cosine(16), 1)
+    with pytest.raises(ValueError, match="num_student_steps=1 is odd"):
+        last.next_round()
+
+
+def test_pd_loss_validation():
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        pd_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), torch.ones(2), weighting="snr")
+    with pytest.raises(ValueError, match="x_hat and x_tilde must have the same shape"):
+        pd_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2), torch.ones(2))
+
+
+def test_bad_configuration_and_inputs():
+    sched = DiscreteSchedule.cosine(16)
+    f = lambda z, t: z  # noqa: E731
+    with pytest.raises(ValueError, match="num_student_steps=3 must divide"):
+        ProgressiveDistiller(f, f, sched, 3)
+    with pytest.raises(ValueError, match=r"2 \* num_student_steps \(teacher steps\)=32 must divide"):
+        ProgressiveDistiller(f, f, sched, 16)
+    with pytest.raises(ValueError, match="num_student_steps must be a positive int"):
+        ProgressiveDistiller(f, f, CosineSchedule(), 0)
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        ProgressiveDistiller(f, f, sched, 4, weighting="snr")
+    with pytest.raises(ValueError, match="teacher_prediction must be one of"):
+        ProgressiveDistiller(f, f, sched, 4, teacher_prediction="noise")
+    with pytest.raises(TypeError, match="teacher must be callable"):
+        ProgressiveDistiller(None, f, sched, 4)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="schedule must be"):
+        ProgressiveDistiller(f, f, "cosine", 4)  # type: ignore[arg-type]
+    pd = ProgressiveDistiller(f, f, sched, 4)
+    x = torch.randn(3, 1, 2, 2)
+    with pytest.raises(ValueError, match=r"t must have shape \[3\]"):
+        pd(x, t=torch.tensor([4.0, 8.0]))
+    with pytest.raises(ValueError, match="t must lie in"):
+        pd(x, t=torch.tensor([4.0, 8.0, 20.0]))
+    with pytest.raises(ValueError, match="t must lie on the student's grid"):
+        pd(x, t=torch.tensor([4.0, 8.0, 6.0]))
+    with pytest.raises(ValueError, match="t must lie on the student's grid"):
+        pd(x, t=torch.tensor([0.0, 8.0, 4.0]))
+    with pytest.raises(ValueError, match="noise and x must have the same shape"):
+        pd(x, noise=torch.randn(3, 1, 2, 3))
+    with pytest.raises(ValueError, match="x must be a floating tensor"):
+        pd(torch.ones(3, dtype=torch.long))
+
+
+def test_float32_and_autocast_bf16():
+    sched = DiscreteSchedule.cosine(64)
+    teacher_net, student_net = torch.nn.Conv2d(2, 2, 1), torch.nn.Conv2d(2, 2, 1)
+    pd = ProgressiveDistiller(lambda z, t: teacher_net(z), lambda z, t: student_net(z), sched, 8, teacher_prediction="eps")
+    x = torch.randn(4, 2, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pd(x)
+    assert out.loss.dtype == torch.float32 and out.x_target.dtype == torch.float32
+    assert bool(torch.isfinite(out.loss))
+    out.loss.backward()
+    assert student_net.weight.grad is not None and bool(torch.isfinite(student_net.weight.grad).all())

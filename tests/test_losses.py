@@ -1,0 +1,289 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kdiff import (
+    CFDLoss,
+    ClassifierFeatureLoss,
+    ClassifierTransform,
+    DatasetOrientedLoss,
+    FrozenClassifier,
+)
+from kdiff.functional import dataset_oriented_loss, diversity_loss, entropy_loss, feature_kl_loss
+
+from strategies import tensors
+
+
+def reference_kl(f_s, f_t, tau):
+    p = torch.softmax(f_t / tau, -1)
+    return (p * (torch.log_softmax(f_t / tau, -1) - torch.log_softmax(f_s, -1))).sum(-1).mean()
+
+
+dims = st.tuples(st.integers(1, 6), st.integers(2, 12))
+temperatures = st.floats(0.05, 5.0)
+
+
+# ------------------------------------------------------------------------------ feature KL
+@given(shape=dims, data=st.data(), tau=temperatures)
+def test_kl_nonnegative_and_matches_reference(shape, data, tau):
+    f_s, f_t = data.draw(tensors(shape)), data.draw(tensors(shape))
+    kl = feature_kl_loss(f_s, f_t, temperature=tau)
+    assert float(kl) >= -1e-12
+    torch.testing.assert_close(kl, reference_kl(f_s, f_t, tau), rtol=1e-10, atol=1e-12)
+    # F.kl_div is torch's own definition: KL(target || input) with log-probabilities.
+    torch.testing.assert_close(
+        kl, F.kl_div(torch.log_softmax(f_s, -1), torch.log_softmax(f_t / tau, -1), reduction="batchmean", log_target=True)
+    )
+
+
+@given(shape=dims, data=st.data(), tau=temperatures)
+def test_kl_zero_iff_tempered_distributions_match(shape, data, tau):
+    f_t = data.draw(tensors(shape))
+    shift = data.draw(tensors((shape[0], 1)))
+    # The student matches the *tempered* teacher: f_S = f_T / tau (+ any per-row constant).
+    assert float(feature_kl_loss(f_t / tau + shift, f_t, temperature=tau)) == pytest.approx(0.0, abs=1e-10)
+    # Any other student: KL > 0, bounded below by Pinsker's inequality KL >= 1/2 ||p - q||_1^2 per row.
+    f_s = data.draw(tensors(shape))
+    p, q = torch.softmax(f_t / tau, -1), torch.softmax(f_s, -1)
+    per_row = feature_kl_loss(f_s, f_t, temperature=tau, reduction="none").sum(-1)
+    assert bool((per_row >= 0.5 * (p - q).abs().sum(-1).square() - 1e-12).all())
+
+
+@given(shape=dims, data=st.data(), tau=temperatures)
+def test_kl_invariant_to_constant_per_feature_row(shape, data, tau):
+    f_s, f_t = data.draw(tensors(shape)), data.draw(tensors(shape))
+    c_s, c_t = data.draw(tensors((shape[0], 1), scale=100.0)), data.draw(tensors((shape[0], 1), scale=100.0))
+    torch.testing.assert_close(
+        feature_kl_loss(f_s + c_s, f_t + c_t, temperature=tau), feature_kl_loss(f_s, f_t, temperature=tau), rtol=1e-8, atol=1e-10
+    )
+
+
+def test_kl_reductions():
+    f_s, f_t = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    none = feature_kl_loss(f_s, f_t, temperature=0.9, reduction="none")
+    assert none.shape == (3, 5)
+    torch.testing.assert_close(feature_kl_loss(f_s, f_t, temperature=0.9, reduction="sum"), none.sum())
+    torch.testing.assert_close(feature_kl_loss(f_s, f_t, temperature=0.9, reduction="mean"), none.mean())
+    torch.testing.assert_close(feature_kl_loss(f_s, f_t, temperature=0.9), none.sum() / 3)
+
+
+# --------------------------------------------------------------------------- entropy / diversity
+@given(shape=dims, data=st.data())
+def test_entropy_in_range(shape, data):
+    logits = data.draw(tensors(shape, scale=10.0))
+    h = entropy_loss(logits, reduction="none")
+    assert bool((h >= -1e-12).all()) and bool((h <= math.log(shape[1]) + 1e-12).all())
+    ref = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+    torch.testing.assert_close(h, ref)
+    assert float(entropy_loss(torch.zeros(2, shape[1], dtype=torch.float64))) == pytest.approx(math.log(shape[1]))
+
+
+@given(shape=dims, data=st.data())
+def test_diversity_range_permutation_invariance_and_reference(shape, data):
+    logits = data.draw(tensors(shape, scale=5.0))
+    perm = torch.randperm(shape[0], generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
+    dv = diversity_loss(logits)
+    torch.testing.assert_close(diversity_loss(logits[perm]), dv, rtol=1e-12, atol=1e-12)
+    pbar = torch.softmax(logits, -1).mean(0)
+    torch.testing.assert_close(dv, (pbar * pbar.log()).sum())
+    assert -math.log(shape[1]) - 1e-12 <= float(dv) <= 1e-12
+
+
+@given(gamma=st.floats(0.0, 1.0), shape=dims, data=st.data())
+def test_dataset_oriented_combination(gamma, shape, data):
+    logits = data.draw(tensors(shape))
+    loss, h, dv = dataset_oriented_loss(logits, gamma=gamma)
+    torch.testing.assert_close(loss, gamma * h + (1 - gamma) * dv)
+    torch.testing.assert_close(DatasetOrientedLoss(gamma=gamma)(logits), loss)
+
+
+# ---------------------------------------------------------------- extreme values: finite, no NaN
+EXTREME = torch.tensor(
+    [[1e4, -1e4, 0.0, 3.0], [-1e4, -1e4, 1e4, -1e4], [float("-inf"), 0.0, 1.0, float("-inf")], [5.0, 5.0, 5.0, float("-inf")]],
+    dtype=torch.float64,
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_logits_give_finite_values_and_gradients(dtype):
+    logits = EXTREME.to(dtype).clone().requires_grad_(True)
+    for fn in (lambda z: entropy_loss(z), lambda z: diversity_loss(z), lambda z: dataset_oriented_loss(z, gamma=0.5)[0]):
+        logits.grad = None
+        value = fn(logits)
+        value.backward()
+        assert bool(torch.isfinite(value)), value
+        assert bool(torch.isfinite(logits.grad).all()), logits.grad
+    # Entropy of a one-hot-like row is 0, not NaN.
+    assert float(entropy_loss(EXTREME[1:2].to(dtype))) == pytest.approx(0.0, abs=1e-6)
+    # Feature KL with extreme and -inf teacher entries (probability exactly 0 there).
+    f_s = torch.tensor([[1e4, -1e4, 0.0, 3.0], [0.0, 1.0, 2.0, 3.0], [1.0, 0.0, 1.0, 5.0], [2.0, 2.0, 2.0, -2.0]], dtype=dtype, requires_grad=True)
+    f_t = EXTREME.to(dtype).clone().requires_grad_(True)
+    kl = feature_kl_loss(f_s, f_t, temperature=0.5)
+    kl.backward()
+    assert bool(torch.isfinite(kl)) and bool(torch.isfinite(f_s.grad).all()) and bool(torch.isfinite(f_t.grad).all())
+
+
+def test_gradcheck_every_loss():
+    g = torch.Generator().manual_seed(0)
+    f_s = torch.randn(3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    f_t = torch.randn(3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    for reduction in ("batchmean", "mean", "sum"):
+        assert torch.autograd.gradcheck(lambda a, b, r=reduction: feature_kl_loss(a, b, temperature=0.7, reduction=r), (f_s, f_t))
+    assert torch.autograd.gradcheck(lambda z: entropy_loss(z), (logits,))
+    assert torch.autograd.gradcheck(lambda z: diversity_loss(z), (logits,))
+    assert torch.autograd.gradcheck(lambda z: dataset_oriented_loss(z, gamma=0.3)[0], (logits,))
+    # The modules, through a frozen (float64) classifier: gradients w.r.t. the student image.
+    clf = TupleClassifier().double()
+    x_hat = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    x_tilde = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: ClassifierFeatureLoss(clf, temperature=0.9)(x, x_tilde), (x_hat,))
+    assert torch.autograd.gradcheck(lambda x: CFDLoss(clf, beta=0.5, gamma=0.4)(x, x_tilde).loss, (x_hat,))
+    # PD loss
+    from kdiff.functional import pd_loss
+
+    a, s = torch.tensor([0.6, 0.8], dtype=torch.float64), torch.tensor([0.8, 0.6], dtype=torch.float64)
+    for w in ("truncated_snr", "snr_plus_one", "x_mse", "eps_mse"):
+        assert torch.autograd.gradcheck(lambda x, w=w: pd_loss(x, x_tilde, a, s, weighting=w), (x_hat,))
+
+
+# ------------------------------------------------------------------------------ classifier forms
+class TupleClassifier(torch.nn.Module):
+    def __init__(self, k: int = 5, d: int = 8):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, d, 3, padding=1)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(d, k)
+
+    def forward(self, x):
+        f = self.pool(torch.tanh(self.conv(x))).flatten(1)
+        return self.fc(f), f
+
+
+class LogitsOnly(TupleClassifier):
+    def forward(self, x):
+        return super().forward(x)[0]
+
+
+def test_three_classifier_forms_agree():
+    net = LogitsOnly()
+    x = torch.randn(4, 3, 8, 8)
+    as_tuple = FrozenClassifier(TupleClassifier.forward.__get__(net))  # a plain callable
+    as_hook = FrozenClassifier(net, feature_layer="pool")  # [B, D, 1, 1] is pooled to [B, D]
+    as_hook_conv = FrozenClassifier(net, feature_layer="conv")  # [B, D, H, W] is average-pooled
+    l1, f1 = as_tuple(x)
+    l2, f2 = as_hook(x)
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(f1, f2)
+    assert as_hook_conv(x)[1].shape == (4, 8)
+    module_tuple = TupleClassifier()
+    module_tuple.load_state_dict(net.state_dict())
+    torch.testing.assert_close(FrozenClassifier(module_tuple)(x)[1], f1)
+
+
+def test_classifier_is_frozen_and_stays_in_eval():
+    clf = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    loss = ClassifierFeatureLoss(clf, feature_layer="3")
+    assert not any(p.requires_grad for p in clf.parameters())
+    loss.train()
+    assert not clf.training and loss.training
+    with pytest.raises(ValueError, match="classifier must be frozen"):
+        ClassifierFeatureLoss(TupleClassifier(), freeze=False)
+    frozen = TupleClassifier().requires_grad_(False)
+    ClassifierFeatureLoss(frozen, freeze=False)
+
+
+def test_teacher_side_has_no_graph_and_gradients_flow_to_student():
+    loss_fn = ClassifierFeatureLoss(TupleClassifier(), temperature=0.9)
+    x_hat = torch.randn(3, 3, 8, 8, requires_grad=True)
+    x_tilde = torch.randn(3, 3, 8, 8, requires_grad=True)
+    out = loss_fn.forward_with_outputs(x_hat, x_tilde)
+    assert out.teacher_features.grad_fn is None and out.student_features.grad_fn is not None
+    out.loss.backward()
+    assert x_tilde.grad is None and x_hat.grad is not None and float(x_hat.grad.abs().sum()) > 0
+
+
+def test_input_transform():
+    seen = []
+
+    def clf(x):
+        seen.append(x)
+        return x.mean((2, 3)), x.mean((2, 3))
+
+    tf = ClassifierTransform(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), size=16)
+    FrozenClassifier(clf, transform=tf)(torch.ones(2, 3, 8, 8))
+    assert seen[0].shape == (2, 3, 16, 16)
+    torch.testing.assert_close(seen[0], torch.full((2, 3, 16, 16), 2.0))  # 1 -> 1.0 in [0,1] -> (1 - .5)/.25
+    loss = ClassifierFeatureLoss(clf, mean=(0.5,) * 3, std=(0.5,) * 3)
+    loss(-torch.ones(1, 3, 4, 4), torch.zeros(1, 3, 4, 4))
+    torch.testing.assert_close(seen[-1], -torch.ones(1, 3, 4, 4))  # -1 -> 0 -> (0 - .5)/.5
+    with pytest.raises(ValueError, match="std must be > 0"):
+        ClassifierTransform(mean=(0.0,), std=(0.0,))
+    with pytest.raises(ValueError, match="mean and std must be given together"):
+        ClassifierTransform(mean=(0.0,))
+    with pytest.raises(ValueError, match="size must be"):
+        ClassifierTransform(size=0)
+
+
+def test_cfd_loss_combines_terms():
+    clf = TupleClassifier()
+    cfd = CFDLoss(clf, temperature=0.9, beta=0.25, gamma=0.6, pixel_weight=0.5)
+    x_hat, x_tilde = torch.randn(4, 3, 8, 8, requires_grad=True), torch.randn(4, 3, 8, 8)
+    pixel = (x_hat - x_tilde).square().mean()
+    out = cfd(x_hat, x_tilde, pixel_loss=pixel)
+    # The default transform maps the diffusion range [-1, 1] to [0, 1].
+    logits, f_s = clf((x_hat + 1) / 2)
+    _, f_t = clf((x_tilde + 1) / 2)
+    feat = feature_kl_loss(f_s, f_t, temperature=0.9)
+    data, h, dv = dataset_oriented_loss(logits, gamma=0.6)
+    torch.testing.assert_close(out.feature_loss, feat)
+    torch.testing.assert_close(out.data_loss, data)
+    torch.testing.assert_close(out.loss, feat + 0.25 * data + 0.5 * pixel)
+    assert all(isinstance(v, torch.Tensor) for v in (out.loss, out.entropy, out.diversity))
+    with pytest.raises(ValueError, match="pixel_loss is required"):
+        cfd(x_hat, x_tilde)
+
+
+def test_bad_inputs_named():
+    clf = TupleClassifier()
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a number > 0"):
+            ClassifierFeatureLoss(clf, temperature=bad)
+        with pytest.raises(ValueError, match="temperature must be a number > 0"):
+            feature_kl_loss(torch.zeros(1, 2), torch.zeros(1, 2), temperature=bad)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\]"):
+            DatasetOrientedLoss(gamma=bad)
+        with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\]"):
+            CFDLoss(clf, gamma=bad)
+    with pytest.raises(ValueError, match="beta must be a number >= 0"):
+        CFDLoss(clf, beta=-1)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        ClassifierFeatureLoss(clf, reduction="avg")
+    with pytest.raises(ValueError, match="input and target must have the same shape"):
+        feature_kl_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="input and target must have the same shape"):
+        ClassifierFeatureLoss(clf)(torch.zeros(2, 3, 4, 4), torch.zeros(3, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"input must have shape \[B, K\]"):
+        entropy_loss(torch.zeros(3))
+    with pytest.raises(TypeError, match="classifier returned no features"):
+        ClassifierFeatureLoss(LogitsOnly())(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="feature_layer 'head' is not a sub-module"):
+        ClassifierFeatureLoss(LogitsOnly(), feature_layer="head")
+    with pytest.raises(TypeError, match="classifier must be an nn.Module or callable"):
+        ClassifierFeatureLoss(42)  # type: ignore[arg-type]
+
+
+def test_autocast_bf16_cfd():
+    clf = TupleClassifier()
+    cfd = CFDLoss(clf)
+    x_hat = torch.randn(4, 3, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cfd(x_hat, torch.randn(4, 3, 8, 8))
+    assert out.loss.dtype == torch.float32 and bool(torch.isfinite(out.loss))
+    out.loss.backward()
+    assert bool(torch.isfinite(x_hat.grad).all())
