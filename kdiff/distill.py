@@ -19,6 +19,7 @@ from torch import Tensor
 from ._validation import (
     check_batch,
     check_choice,
+    check_finite,
     check_same_shape,
     check_tensor,
     value_checks_enabled,
@@ -179,6 +180,7 @@ class ProgressiveDistiller:
         check_tensor("x", x)
         if x.ndim < 2 or not x.is_floating_point():
             raise ValueError(f"x must be a floating tensor of shape [B, ...]; got {x.dtype} {tuple(x.shape)}")
+        check_finite("x", x)
         batch = x.shape[0]
         kwargs = model_kwargs or {}
         if t is None:
@@ -192,6 +194,7 @@ class ProgressiveDistiller:
         else:
             check_tensor("noise", noise)
             check_same_shape("noise", noise, "x", x)
+            check_finite("noise", noise)
 
         dtype = x.dtype
         t_mid = t - 0.5 * self.stride

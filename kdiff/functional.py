@@ -39,7 +39,6 @@ __all__ = [
 ]
 
 Reduction = Literal["none", "mean", "sum", "batchmean"]
-Weighting = Literal["truncated_snr", "snr_plus_one", "x_mse", "eps_mse"]
 WEIGHTINGS: tuple[str, ...] = ("truncated_snr", "snr_plus_one", "x_mse", "eps_mse")
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_batch, check_same_shape, check_tensor
+from ._validation import check_batch, check_finite, check_same_shape, check_tensor
 from .functional import ddim_noise_scale, ddim_update
 from .parameterization import normalize_prediction_type, to_x_eps
 from .schedules import NoiseSchedule
@@ -221,6 +221,7 @@ def ddim_sample(
     check_tensor("noise", noise)
     if noise.ndim < 2:
         raise ValueError(f"noise must have shape [B, ...]; got {tuple(noise.shape)}")
+    check_finite("noise", noise)
     schedule.check_num_steps(num_steps)
     kind = normalize_prediction_type(prediction_type)
     step = DDIMStep(schedule, prediction_type=kind, clip_x=clip_x, eta=eta)

@@ -181,6 +181,10 @@ def test_bad_configuration_and_inputs():
         pd(x, t=torch.tensor([0.0, 8.0, 4.0]))
     with pytest.raises(ValueError, match="noise and x must have the same shape"):
         pd(x, noise=torch.randn(3, 1, 2, 3))
+    with pytest.raises(ValueError, match="x contains NaN or infinite values"):
+        pd(torch.full((3, 1, 2, 2), float("nan")))
+    with pytest.raises(ValueError, match="noise contains NaN or infinite values"):
+        pd(x, noise=torch.full((3, 1, 2, 2), float("inf")))
     with pytest.raises(ValueError, match="x must be a floating tensor"):
         pd(torch.ones(3, dtype=torch.long))
 

@@ -112,6 +112,8 @@ def test_bad_inputs():
         DDIMStep(sched, eta=-1)
     with pytest.raises(TypeError, match="schedule must be"):
         DDIMStep("cosine")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="noise contains NaN or infinite values"):
+        ddim_sample(lambda z, t: z, torch.full(SHAPE, float("nan")), 4, schedule=sched)
     with pytest.raises(ValueError, match="num_steps=5 must divide"):
         ddim_sample(lambda z, t: z, z, 5, schedule=sched)
 
