@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """CIFAR-10 benchmark of progressive distillation (PD) against CFD.
 
-The paper's released experiment (method.md, section 4): a base teacher, PD rounds down to an
+The paper's released experiment (docs/method.md, section 4): a base teacher, PD rounds down to an
 8-step model, then the 8 -> 4 round done two ways, with PD and with CFD (and on to 2 and 1
 steps), every student scored by FID. This script runs it as resumable stages and writes a report:
 
@@ -151,7 +151,7 @@ def _presets() -> dict[str, Preset]:
             fast_reference_samples=50_000,
             sample_batch=500,
             bundled=False,
-            note="the paper's settings (method.md section 4); 4 GPUs under torchrun",
+            note="the paper's settings (docs/method.md section 4); 4 GPUs under torchrun",
         ),
     }
 

@@ -1,6 +1,6 @@
 """A frozen image classifier seen as ``images -> (logits, features)``, with an explicit input transform.
 
-CFD distils through the classifier's penultimate pooled features ``f(x)`` (method.md §3). Users
+CFD distils through the classifier's penultimate pooled features ``f(x)`` (docs/method.md §3). Users
 have classifiers in three forms, all accepted by :class:`FrozenClassifier`:
 
 1. a module (or callable) returning ``(logits, features)``;

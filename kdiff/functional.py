@@ -1,6 +1,6 @@
 """Pure-tensor reference maths for every step and loss in kdiff (the spec the modules call).
 
-Symbols follow ``method.md``: ``z_t = alpha_t x + sigma_t eps``; the student's output at ``z_t``
+Symbols follow ``docs/method.md``: ``z_t = alpha_t x + sigma_t eps``; the student's output at ``z_t``
 gives ``x_hat``/``eps_hat``; the PD target is ``x_tilde``/``eps_tilde``; the classifier's pooled
 penultimate features are ``f_S`` (student) and ``f_T`` (teacher); ``tau`` is the temperature.
 
@@ -131,7 +131,7 @@ def pd_loss(
     weighting: str = "truncated_snr",
     reduction: Reduction = "mean",
 ) -> Tensor:
-    """Student loss against the PD target, per weighting (method.md §2).
+    """Student loss against the PD target, per weighting (docs/method.md §2).
 
     * ``"truncated_snr"``: ``max(mean (x_hat - x_tilde)^2, mean (eps_hat - eps_tilde)^2)`` per
       example, i.e. ``max(SNR, 1) * mean (x_hat - x_tilde)^2`` (the paper's default);
@@ -190,7 +190,7 @@ def feature_kl_loss(
     """CFD feature loss ``KL(softmax(f_T / tau) || softmax(f_S))`` over the D feature channels.
 
     The temperature applies to the teacher only (``tau < 1`` sharpens) and there is no
-    ``tau^2`` factor (method.md §3).
+    ``tau^2`` factor (docs/method.md §3).
 
     Args:
         input: Student features ``f_S``, [B, D].

@@ -32,7 +32,7 @@ class FeatureLossOutput:
 
 
 class ClassifierFeatureLoss(nn.Module):
-    """``L_feat = KL(softmax(f_T / tau) || softmax(f_S))`` through a frozen classifier (method.md §3).
+    """``L_feat = KL(softmax(f_T / tau) || softmax(f_S))`` through a frozen classifier (docs/method.md §3).
 
     ``f_S = f(x_hat_S)`` are the classifier's pooled penultimate features of the student's
     x-prediction (gradients flow through the frozen classifier into the student);
@@ -115,7 +115,7 @@ class ClassifierFeatureLoss(nn.Module):
 
 
 class DatasetOrientedLoss(nn.Module):
-    """``L_data = gamma * H + (1 - gamma) * Dv`` on the student's class logits (method.md §3).
+    """``L_data = gamma * H + (1 - gamma) * Dv`` on the student's class logits (docs/method.md §3).
 
     ``H`` is the mean per-sample entropy of ``p_i = softmax(logits_i)``; ``Dv = sum_k pbar_k log
     pbar_k`` with ``pbar`` the batch mean of ``p_i`` (over all processes with ``sync_global``).

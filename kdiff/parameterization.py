@@ -1,4 +1,4 @@
-"""Conversions between x-, eps- and v-prediction given ``(z_t, alpha_t, sigma_t)`` (method.md §1).
+"""Conversions between x-, eps- and v-prediction given ``(z_t, alpha_t, sigma_t)`` (docs/method.md §1).
 
 * x-prediction ``x_hat``:  ``eps_hat = (z_t - alpha_t x_hat) / sigma_t``
 * eps-prediction ``eps_hat``: ``x_hat = (z_t - sigma_t eps_hat) / alpha_t``

@@ -1,4 +1,4 @@
-"""Noise schedules: per-sample ``alpha_t``, ``sigma_t`` and ``logSNR(t)`` (method.md, section 1).
+"""Noise schedules: per-sample ``alpha_t``, ``sigma_t`` and ``logSNR(t)`` (docs/method.md, section 1).
 
 Every schedule is variance preserving (``alpha_t^2 + sigma_t^2 = 1``), computes in float64 and
 returns the dtype asked for. A schedule's *time* is what the network is conditioned on:
@@ -203,7 +203,7 @@ class DiscreteSchedule(NoiseSchedule):
     def cosine(
         cls, num_timesteps: int = 1024, *, time_scale: int = 1, s: float = 0.008
     ) -> DiscreteSchedule:
-        """The paper's discrete cosine table (method.md, "Schedules").
+        """The paper's discrete cosine table (docs/method.md, "Schedules").
 
         With ``n = T * time_scale + 1``: ``f(i) = cos^2(((i/n) + s)/(1 + s) * pi/2)`` for
         ``i = 0..n``, ``beta_i = min(1 - f(i+1)/f(i), 0.999)``, ``alphabar = cumprod(1 - beta)``

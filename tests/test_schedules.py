@@ -10,7 +10,7 @@ from kdiff import CosineSchedule, DiscreteSchedule, schedule_from_dict
 
 
 def reference_cosine_table(T: int, time_scale: int = 1, s: float = 0.008) -> np.ndarray:
-    # method.md, "Schedules", written out with Python floats, independently of the library.
+    # docs/method.md, "Schedules", written out with Python floats, independently of the library.
     n = T * time_scale + 1
     f = [math.cos(((i / n) + s) / (1 + s) * math.pi / 2) ** 2 for i in range(n + 1)]
     betas = [min(1 - f[i + 1] / f[i], 0.999) for i in range(n)]

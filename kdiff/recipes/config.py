@@ -1,7 +1,7 @@
 """Typed, documented configurations of the reference training loops.
 
 Each loop has one dataclass holding every hyper-parameter, with the paper's values as the
-``paper()`` preset (method.md, section 4) and a ``tiny()`` preset that runs in seconds on a CPU:
+``paper()`` preset (docs/method.md, section 4) and a ``tiny()`` preset that runs in seconds on a CPU:
 
 * :class:`TeacherConfig`: the base diffusion model (x-prediction, truncated-SNR loss, EMA,
   warmup, grad clip) on the 1024-step discrete cosine schedule.
@@ -255,7 +255,7 @@ class TeacherConfig(TrainConfig):
 
     @classmethod
     def paper(cls, **overrides: Any) -> TeacherConfig:
-        """The paper's base-model settings (method.md, section 4)."""
+        """The paper's base-model settings (docs/method.md, section 4)."""
         base: dict[str, Any] = dict(
             out_dir="runs/teacher",
             unet=UNetConfig.paper(),
@@ -352,7 +352,7 @@ class ClassifierConfig(TrainConfig):
 
     @classmethod
     def paper(cls, **overrides: Any) -> ClassifierConfig:
-        """ResNet-18, 300 epochs of CIFAR-10 at batch 128 with SGD (method.md, section 4)."""
+        """ResNet-18, 300 epochs of CIFAR-10 at batch 128 with SGD (docs/method.md, section 4)."""
         base: dict[str, Any] = dict(
             out_dir="runs/classifier",
             arch="resnet18",
