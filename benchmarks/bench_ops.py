@@ -13,6 +13,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -94,7 +95,7 @@ def main() -> None:
             )
             print(rows[-1])
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-    result = {"device": str(device), "machine": machine, "torch": torch.__version__, "repeats": args.repeats, "rows": rows}
+    result = {"command": "python " + " ".join(sys.argv), "device": str(device), "machine": machine, "torch": torch.__version__, "repeats": args.repeats, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
