@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -623,11 +622,9 @@ def _file_hash(path: Path) -> str:
     side = _sidecar(path)
     if side.get("weights_sha256"):
         return str(side["weights_sha256"])
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from kdiff.eval import sha256_file
+
+    return sha256_file(path)
 
 
 def stage_eval(settings: Settings) -> None:

@@ -574,7 +574,7 @@ def test_reference_cache_stale_entries_are_recomputed(tmp_path):
 
 
 def test_reference_cache_writes_are_atomic(tmp_path, monkeypatch):
-    from kdiff.eval import reference
+    import os
 
     ext = _classifier_extractor()
     imgs = torch.rand(6, 3, 8, 8) * 2 - 1
@@ -582,7 +582,7 @@ def test_reference_cache_writes_are_atomic(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(reference.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         reference_features(ext, imgs, cache_dir=tmp_path, progress=False)
     assert _files(tmp_path) == []  # no partial file under the final name, temp removed

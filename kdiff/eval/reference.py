@@ -24,9 +24,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kdiff.checkpoint import atomic_write_bytes
 from kdiff.eval.features import compute_features
 
 __all__ = ["CACHE_FORMAT", "hash_images", "reference_cache_key", "reference_features"]
@@ -120,22 +119,6 @@ def reference_cache_key(
     }
     text = _canonical_json(material, "key_info")
     return hashlib.sha256(text.encode()).hexdigest(), material
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _serialize(features: Tensor, key: str) -> tuple[bytes, str]:
@@ -284,7 +267,7 @@ def reference_features(
 
     data, storage = _serialize(feats, key)
     feat_path = cache / f"{stem}.{'safetensors' if storage == 'safetensors' else 'pt'}"
-    _atomic_write_bytes(feat_path, data)
+    atomic_write_bytes(feat_path, data)
     from kdiff import __version__ as kdiff_version
 
     record = {
@@ -300,7 +283,7 @@ def reference_features(
         "kdiff_version": kdiff_version,
         "torch_version": torch.__version__,
     }
-    _atomic_write_bytes(json_path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(json_path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     if return_info:
         return feats, {**record, "status": status, "reason": reason, "path": str(json_path)}
     return feats
