@@ -48,7 +48,28 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-class ResNet18(nn.Module):
+class _FeatureClassifier(nn.Module):
+    """Shared head: ``forward`` returns the logits and the pooled features they come from."""
+
+    fc: nn.Linear
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Classify ``x`` (shape ``[B, 3, H, W]``, already normalised).
+
+        Returns:
+            ``(logits [B, num_classes], features [B, feature_dim])``.
+
+        Raises:
+            ValueError: If ``input`` does not have shape ``[B, in_channels, H, W]``.
+        """
+        feats = self.forward_features(x)
+        return self.fc(feats), feats
+
+
+class ResNet18(_FeatureClassifier):
     """CIFAR-style ResNet-18 returning ``(logits, features)``.
 
     3x3 stride-1 stem convolution without max-pooling, four stages of two
@@ -103,20 +124,8 @@ class ResNet18(nn.Module):
         h = self.layer4(self.layer3(self.layer2(self.layer1(h))))
         return torch.flatten(self.pool(h), 1)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Classify ``x`` (shape ``[B, 3, H, W]``, already normalised).
 
-        Returns:
-            ``(logits [B, num_classes], features [B, feature_dim])``.
-
-        Raises:
-            ValueError: If ``input`` does not have shape ``[B, in_channels, H, W]``.
-        """
-        feats = self.forward_features(x)
-        return self.fc(feats), feats
-
-
-class SmallCNN(nn.Module):
+class SmallCNN(_FeatureClassifier):
     """Small, fast conv-BN-ReLU classifier returning ``(logits, features)``.
 
     Five 3x3 conv-BN-ReLU layers with widths ``width, width`` (32x32),
@@ -179,18 +188,6 @@ class SmallCNN(nn.Module):
         """Return the pooled penultimate features of shape ``[B, feature_dim]``."""
         _check_input(x, self.in_channels)
         return torch.flatten(self.pool(self.features(x)), 1)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Classify ``x`` (shape ``[B, 3, H, W]``, already normalised).
-
-        Returns:
-            ``(logits [B, num_classes], features [B, feature_dim])``.
-
-        Raises:
-            ValueError: If ``input`` does not have shape ``[B, in_channels, H, W]``.
-        """
-        feats = self.forward_features(x)
-        return self.fc(feats), feats
 
 
 CLASSIFIERS: dict[str, type[nn.Module]] = {"resnet18": ResNet18, "small_cnn": SmallCNN}
