@@ -1,15 +1,21 @@
 """Progressive distillation (Salimans & Ho 2022): a 2N-step teacher -> an N-step student.
 
-:class:`ProgressiveDistiller` computes, for one data batch, everything a training step needs:
-the times, ``z_t``, the teacher's two DDIM half-steps (no gradient), the target
-``x_tilde``/``eps_tilde``, the student's prediction and the weighted loss. CFD reuses the target
-image and the student's x-prediction from the same output, so nothing is computed twice.
+:class:`ProgressiveDistiller` splits one training step into pieces that compose:
+
+* :meth:`~ProgressiveDistiller.sample_times` and :meth:`~ProgressiveDistiller.sample_noise` draw
+  ``t`` and ``eps``;
+* :meth:`~ProgressiveDistiller.target` forms ``z_t`` and runs the teacher's two DDIM half-steps
+  without gradient, returning the target ``x_tilde``/``eps_tilde`` (a :class:`DistillationTarget`),
+  to pair with any student loss;
+* calling the distiller does all of it plus the student's forward pass and the weighted PD loss
+  (a :class:`DistillationOutput`). CFD reuses the target image and the student's x-prediction
+  from the same output, so nothing is computed twice.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,19 +24,55 @@ from torch import Tensor
 
 from ._validation import (
     check_batch,
+    check_bool,
     check_choice,
     check_finite,
+    check_model_output,
     check_same_shape,
     check_tensor,
     value_checks_enabled,
 )
-from .functional import WEIGHTINGS, ddim_update, pd_loss, pd_target
+from .functional import WEIGHTINGS, add_noise, ddim_step_coeffs, pd_loss, pd_target
 from .parameterization import normalize_prediction_type, to_x_eps
 from .schedules import NoiseSchedule
 
-__all__ = ["DistillationOutput", "ProgressiveDistiller"]
+__all__ = ["DistillationOutput", "DistillationTarget", "ProgressiveDistiller"]
 
 Model = Callable[..., Tensor]
+
+
+@dataclass
+class DistillationTarget:
+    """The teacher side of one progressive-distillation step (all tensors, no host syncs).
+
+    Only ``z_t`` may carry a gradient (when ``x`` does); everything the teacher produced is
+    computed under ``torch.no_grad``.
+
+    Attributes:
+        z_t: Noisy input ``alpha_t x + sigma_t eps``, [B, ...].
+        t: Student times per sample, [B].
+        t_mid: Teacher's intermediate time ``t' = t - stride/2``, [B].
+        t_next: ``t'' = t - stride``, where the student's single step lands, [B].
+        z_mid: Teacher's first half-step result ``z_t'``.
+        z_next: Teacher's two-step result ``z_t''``.
+        x_target: ``x_tilde``, the x-prediction whose one DDIM step ``t -> t''`` lands on ``z_t''``.
+        eps_target: ``eps_tilde = (z_t - alpha_t x_tilde) / sigma_t``.
+        alpha_t, sigma_t: Coefficients at ``t``, [B].
+        alpha_next, sigma_next: Coefficients at ``t''``, [B].
+    """
+
+    z_t: Tensor
+    t: Tensor
+    t_mid: Tensor
+    t_next: Tensor
+    z_mid: Tensor
+    z_next: Tensor
+    x_target: Tensor
+    eps_target: Tensor
+    alpha_t: Tensor
+    sigma_t: Tensor
+    alpha_next: Tensor
+    sigma_next: Tensor
 
 
 @dataclass
@@ -69,6 +111,11 @@ class DistillationOutput:
     sigma_t: Tensor
 
 
+def _model_time(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # Networks are conditioned on float32 times unless the whole step runs in float64.
+    return t if dtype == torch.float64 else t.to(torch.float32)
+
+
 class ProgressiveDistiller:
     """Distil a teacher DDIM sampler with ``2N`` steps into a student with ``N`` steps.
 
@@ -78,17 +125,21 @@ class ProgressiveDistiller:
 
         ``x_tilde = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t)``
 
-    and the student is trained at ``(z_t, t)`` towards it.
+    and the student is trained at ``(z_t, t)`` towards it. Calling the distiller runs the whole
+    step; :meth:`target` alone gives the teacher side for a custom student loss.
 
     Args:
-        teacher: ``teacher(z_t, t, **model_kwargs)``; called under ``torch.no_grad``.
-        student: ``student(z_t, t, **model_kwargs)``, trained.
+        teacher: ``teacher(z_t, t, **model_kwargs)``; called under ``torch.no_grad``. Its output
+            must have the shape of ``z_t`` (wrap a learned-variance network to return its first
+            C channels).
+        student: ``student(z_t, t, **model_kwargs)``, trained; output shaped like ``z_t``.
         schedule: The noise schedule (continuous or discrete).
-        num_student_steps: ``N``; ``2N`` must divide ``T`` for a discrete schedule.
+        num_student_steps: ``N``, a positive int; ``2N`` must divide ``T`` for a discrete schedule.
         teacher_prediction: Teacher output type: "x", "eps" or "v".
         student_prediction: Student output type: "x", "eps" or "v".
         weighting: "truncated_snr" (paper default), "snr_plus_one", "x_mse" or "eps_mse".
-        clip_teacher_x: Clip the teacher's ``x_hat`` to [-1, 1] in its half-steps (off in PD).
+        clip_teacher_x: Clip the teacher's ``x_hat`` to [-1, 1] in its half-steps (off in PD);
+            the same clipping as ``ddim_step(..., clip_x=True)``.
 
     Example:
         >>> import torch
@@ -123,9 +174,9 @@ class ProgressiveDistiller:
             raise TypeError(f"schedule must be a kdiff NoiseSchedule; got {type(schedule).__name__}")
         schedule.check_num_steps(num_student_steps, name="num_student_steps")
         # The teacher samples with 2N steps on the same schedule.
-        if isinstance(num_student_steps, int):
-            schedule.check_num_steps(2 * num_student_steps, name="2 * num_student_steps (teacher steps)")
+        schedule.check_num_steps(2 * num_student_steps, name="2 * num_student_steps (teacher steps)")
         check_choice("weighting", weighting, WEIGHTINGS)
+        check_bool("clip_teacher_x", clip_teacher_x)
         self.teacher = teacher
         self.student = student
         self.schedule = schedule
@@ -147,14 +198,49 @@ class ProgressiveDistiller:
         k = torch.randint(1, self.num_student_steps + 1, (batch_size,), generator=generator, device=device)
         return k.to(torch.float32) * self.stride
 
-    def _teacher_step(self, z: Tensor, t: Tensor, s: Tensor, alpha_t: Tensor, sigma_t: Tensor,
-                      alpha_s: Tensor, sigma_s: Tensor, kwargs: dict[str, Any]) -> Tensor:
-        out = self.teacher(z, t.to(torch.float32) if z.dtype != torch.float64 else t, **kwargs)
-        x_hat, eps_hat = to_x_eps(out.to(z.dtype), z, alpha_t, sigma_t, self.teacher_prediction)
-        if self.clip_teacher_x:
-            x_hat = x_hat.clamp(-1.0, 1.0)
-            eps_hat = to_x_eps(x_hat, z, alpha_t, sigma_t, "x")[1]
-        return ddim_update(x_hat, eps_hat, alpha_s, sigma_s)
+    def sample_noise(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``eps ~ N(0, I)`` shaped like ``x``, with its dtype and device."""
+        check_tensor("x", x)
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+    def target(
+        self,
+        x: Tensor,
+        t: Tensor,
+        noise: Tensor,
+        *,
+        model_kwargs: Mapping[str, Any] | None = None,
+    ) -> DistillationTarget:
+        """The teacher side of a step: ``z_t``, the teacher's half-steps and ``x_tilde``/``eps_tilde``.
+
+        Everything but ``z_t`` is computed under ``torch.no_grad``; pair the result with any
+        student loss (the student sees ``(z_t, t)``).
+
+        Args:
+            x: Clean data, [B, ...] (e.g. images in [-1, 1]).
+            t: Student times per sample, [B], on the student's grid (:meth:`sample_times`).
+            noise: ``eps`` shaped like ``x`` (:meth:`sample_noise`).
+            model_kwargs: Passed to the teacher (e.g. ``{"y": labels}``).
+
+        Returns:
+            :class:`DistillationTarget`.
+
+        Example:
+            >>> import torch
+            >>> from kdiff import DiscreteSchedule, ProgressiveDistiller
+            >>> student = torch.nn.Conv2d(3, 3, 1)
+            >>> pd = ProgressiveDistiller(lambda z, t: 0.5 * z, lambda z, t: student(z), DiscreteSchedule.cosine(64), 4)
+            >>> x, g = torch.rand(8, 3, 8, 8) * 2 - 1, torch.Generator().manual_seed(0)
+            >>> tgt = pd.target(x, pd.sample_times(8, generator=g), pd.sample_noise(x, generator=g))
+            >>> loss = (student(tgt.z_t) - tgt.x_target).abs().mean()   # any student loss
+            >>> loss.backward()
+            >>> tgt.x_target.requires_grad, tuple(tgt.t_next.shape)
+            (False, (8,))
+        """
+        self._check_x(x)
+        self._check_t(t, x.shape[0])
+        self._check_noise(noise, x)
+        return self._target(x, t, noise, self._kwargs(model_kwargs))
 
     def __call__(
         self,
@@ -163,72 +249,125 @@ class ProgressiveDistiller:
         t: Tensor | None = None,
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
-        model_kwargs: dict[str, Any] | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
     ) -> DistillationOutput:
         """One distillation step's forward pass for data batch ``x``.
+
+        Draws what is not given (:meth:`sample_times`, then :meth:`sample_noise`), computes the
+        target (:meth:`target`), runs the student at ``(z_t, t)`` and weighs its error with
+        :func:`kdiff.functional.pd_loss`.
 
         Args:
             x: Clean data, [B, ...] (e.g. images in [-1, 1]).
             t: Student times per sample, [B], on the student's grid (drawn when omitted).
             noise: ``eps`` shaped like ``x`` (drawn when omitted).
-            generator: Random generator for drawing ``t`` and ``noise``.
+            generator: Random generator for drawing ``t`` and ``noise``; refused when both are
+                given (it would draw nothing).
             model_kwargs: Passed to teacher and student (e.g. ``{"y": labels}``).
 
         Returns:
             :class:`DistillationOutput`; call ``.loss.backward()``.
         """
-        check_tensor("x", x)
-        if x.ndim < 2 or not x.is_floating_point():
-            raise ValueError(f"x must be a floating tensor of shape [B, ...]; got {x.dtype} {tuple(x.shape)}")
-        check_finite("x", x)
-        batch = x.shape[0]
-        kwargs = model_kwargs or {}
+        self._check_x(x)
+        kwargs = self._kwargs(model_kwargs)
+        if generator is not None and t is not None and noise is not None:
+            raise ValueError("generator is unused when both t and noise are given; pass one or the other")
         if t is None:
-            t = self.sample_times(batch, device=x.device, generator=generator)
+            t = self.sample_times(x.shape[0], device=x.device, generator=generator)
         else:
-            check_tensor("t", t)
-            check_batch("t", t, batch)
-            self._check_on_grid(t)
+            self._check_t(t, x.shape[0])
         if noise is None:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = self.sample_noise(x, generator=generator)
         else:
-            check_tensor("noise", noise)
-            check_same_shape("noise", noise, "x", x)
-            check_finite("noise", noise)
+            self._check_noise(noise, x)
+        tgt = self._target(x, t, noise, kwargs)
+        dtype = x.dtype
+        student_output = check_model_output(
+            "student output", self.student(tgt.z_t, _model_time(t, dtype), **kwargs), tgt.z_t.shape
+        )
+        x_hat, eps_hat = to_x_eps(student_output.to(dtype), tgt.z_t, tgt.alpha_t, tgt.sigma_t, self.student_prediction)
+        per_sample = pd_loss(x_hat, tgt.x_target, tgt.alpha_t, tgt.sigma_t, weighting=self.weighting, reduction="none")
+        return DistillationOutput(
+            loss=per_sample.mean(),
+            loss_per_sample=per_sample,
+            t=tgt.t,
+            t_mid=tgt.t_mid,
+            t_next=tgt.t_next,
+            z_t=tgt.z_t,
+            z_mid=tgt.z_mid,
+            z_next=tgt.z_next,
+            x_target=tgt.x_target,
+            eps_target=tgt.eps_target,
+            student_output=student_output,
+            x_pred=x_hat,
+            eps_pred=eps_hat,
+            alpha_t=tgt.alpha_t,
+            sigma_t=tgt.sigma_t,
+        )
 
+    # ------------------------------------------------------------------ internals
+    def _target(self, x: Tensor, t: Tensor, noise: Tensor, kwargs: Mapping[str, Any]) -> DistillationTarget:
         dtype = x.dtype
         t_mid = t - 0.5 * self.stride
         t_next = t - self.stride
         a_t, s_t = self.schedule.alpha_sigma(t, dtype=dtype)
         a_m, s_m = self.schedule.alpha_sigma(t_mid, dtype=dtype, name="t_mid")
         a_n, s_n = self.schedule.alpha_sigma(t_next, dtype=dtype, name="t_next")
-        z_t = ddim_update(x, noise.to(dtype), a_t, s_t)
-
+        # Outside no_grad: z_t keeps a gradient to x when x has one (the student's input).
+        z_t = add_noise(x, noise, a_t, s_t)
         with torch.no_grad():
-            z_mid = self._teacher_step(z_t, t, t_mid, a_t, s_t, a_m, s_m, kwargs)
-            z_next = self._teacher_step(z_mid, t_mid, t_next, a_m, s_m, a_n, s_n, kwargs)
+            z_mid = self._teacher_step(z_t, t, a_t, s_t, a_m, s_m, kwargs)
+            z_next = self._teacher_step(z_mid, t_mid, a_m, s_m, a_n, s_n, kwargs)
             x_tilde, eps_tilde = pd_target(z_t, z_next, a_t, s_t, a_n, s_n)
-
-        student_output = self.student(z_t, t.to(torch.float32) if dtype != torch.float64 else t, **kwargs)
-        x_hat, eps_hat = to_x_eps(student_output.to(dtype), z_t, a_t, s_t, self.student_prediction)
-        per_sample = pd_loss(x_hat, x_tilde, a_t, s_t, weighting=self.weighting, reduction="none")
-        return DistillationOutput(
-            loss=per_sample.mean(),
-            loss_per_sample=per_sample,
+        return DistillationTarget(
+            z_t=z_t,
             t=t,
             t_mid=t_mid,
             t_next=t_next,
-            z_t=z_t,
             z_mid=z_mid,
             z_next=z_next,
             x_target=x_tilde,
             eps_target=eps_tilde,
-            student_output=student_output,
-            x_pred=x_hat,
-            eps_pred=eps_hat,
             alpha_t=a_t,
             sigma_t=s_t,
+            alpha_next=a_n,
+            sigma_next=s_n,
         )
+
+    def _teacher_step(self, z: Tensor, t: Tensor, alpha_t: Tensor, sigma_t: Tensor,
+                      alpha_s: Tensor, sigma_s: Tensor, kwargs: Mapping[str, Any]) -> Tensor:
+        out = check_model_output("teacher output", self.teacher(z, _model_time(t, z.dtype), **kwargs), z.shape)
+        z_s, _, _ = ddim_step_coeffs(
+            out.to(z.dtype), z, alpha_t, sigma_t, alpha_s, sigma_s,
+            prediction_type=self.teacher_prediction, clip_x=self.clip_teacher_x,
+        )
+        return z_s
+
+    @staticmethod
+    def _kwargs(model_kwargs: Mapping[str, Any] | None) -> Mapping[str, Any]:
+        if model_kwargs is None:
+            return {}
+        if not isinstance(model_kwargs, Mapping):
+            raise TypeError(f"model_kwargs must be a mapping or None; got {type(model_kwargs).__name__}")
+        return model_kwargs
+
+    @staticmethod
+    def _check_x(x: Tensor) -> None:
+        check_tensor("x", x)
+        if x.ndim < 2 or not x.is_floating_point():
+            raise ValueError(f"x must be a floating tensor of shape [B, ...]; got {x.dtype} {tuple(x.shape)}")
+        check_finite("x", x)
+
+    def _check_t(self, t: Tensor, batch: int) -> None:
+        check_tensor("t", t)
+        check_batch("t", t, batch)
+        self._check_on_grid(t)
+
+    @staticmethod
+    def _check_noise(noise: Tensor, x: Tensor) -> None:
+        check_tensor("noise", noise)
+        check_same_shape("noise", noise, "x", x)
+        check_finite("noise", noise)
 
     def _check_on_grid(self, t: Tensor) -> None:
         self.schedule.check_times(t)

@@ -5,7 +5,8 @@
 * v-prediction ``v_hat = alpha_t eps - sigma_t x``: ``x_hat = alpha_t z_t - sigma_t v_hat``,
   ``eps_hat = sigma_t z_t + alpha_t v_hat``
 
-``alpha`` and ``sigma`` are per-sample tensors of shape [B] (or already broadcastable).
+``alpha`` and ``sigma`` are per-sample tensors of shape [B] (or already broadcastable); a
+prediction must have the shape of ``z_t`` (a mismatch raises ``ValueError`` instead of broadcasting).
 Prediction types accept diffusers' names too ("sample", "epsilon", "v_prediction").
 """
 
@@ -15,7 +16,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from ._validation import append_dims
+from ._validation import append_dims, check_same_shape
 
 __all__ = ["PredictionType", "normalize_prediction_type", "to_x_eps", "to_x", "to_eps", "to_v", "convert"]
 
@@ -68,6 +69,7 @@ def to_x_eps(
         True
     """
     kind = normalize_prediction_type(prediction_type)
+    check_same_shape("prediction", prediction, "z_t", z_t)
     a, s = _coeffs(z_t, alpha, sigma)
     prediction = prediction.to(z_t.dtype)
     if kind == "x":
@@ -80,6 +82,7 @@ def to_x_eps(
 def to_x(prediction: Tensor, z_t: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
     """``x_hat`` from a network output (no division when it is already an x-prediction)."""
     kind = normalize_prediction_type(prediction_type)
+    check_same_shape("prediction", prediction, "z_t", z_t)
     a, s = _coeffs(z_t, alpha, sigma)
     prediction = prediction.to(z_t.dtype)
     if kind == "x":
@@ -97,6 +100,7 @@ def to_eps(prediction: Tensor, z_t: Tensor, alpha: Tensor, sigma: Tensor, predic
 def to_v(prediction: Tensor, z_t: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
     """``v_hat = alpha_t eps_hat - sigma_t x_hat`` from a network output."""
     if normalize_prediction_type(prediction_type) == "v":
+        check_same_shape("prediction", prediction, "z_t", z_t)
         return prediction.to(z_t.dtype)
     x, eps = to_x_eps(prediction, z_t, alpha, sigma, prediction_type)
     a, s = _coeffs(z_t, alpha, sigma)

@@ -6,16 +6,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_batch, check_finite, check_same_shape, check_tensor
-from .functional import ddim_noise_scale, ddim_update
-from .parameterization import normalize_prediction_type, to_x_eps
+from ._validation import (
+    check_batch,
+    check_bool,
+    check_finite,
+    check_finite_number,
+    check_model_output,
+    check_same_shape,
+    check_tensor,
+)
+from .functional import ddim_noise_scale, ddim_step_coeffs
+from .parameterization import normalize_prediction_type
 from .schedules import NoiseSchedule
 
 __all__ = ["DDIMStepOutput", "ddim_step", "DDIMStep", "ddim_sample"]
@@ -71,9 +79,14 @@ def ddim_step(
         schedule: The noise schedule the times refer to.
         prediction_type: What ``model_output`` is: "x", "eps" or "v".
         clip_x: Clip ``x_hat`` to [-1, 1] and recompute ``eps_hat`` from it.
-        eta: DDIM stochasticity (0: deterministic, 1: ancestral). Needs ``sigma_t > 0``.
+        eta: DDIM stochasticity, a finite number >= 0 (0: deterministic, 1: ancestral). Needs
+            ``sigma_t > 0``.
         generator: Random generator for the noise when ``eta > 0``.
-        noise: Explicit standard normal noise for ``eta > 0`` (overrides ``generator``).
+        noise: Explicit standard normal noise ``xi`` shaped like ``z_t`` for ``eta > 0`` (its
+            term vanishes at ``eta = 0``). Give ``noise`` or ``generator``, not both.
+
+    Raises:
+        ValueError: On mismatched shapes, a bad option, or both ``noise`` and ``generator``.
 
     Returns:
         :class:`DDIMStepOutput` with ``prev_sample`` (``z_s``) and the predictions used.
@@ -88,24 +101,33 @@ def ddim_step(
         torch.Size([2, 3, 8, 8])
     """
     _check_step_inputs(model_output, z_t, t, s)
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a kdiff NoiseSchedule; got {type(schedule).__name__}")
     kind = normalize_prediction_type(prediction_type)
-    if not isinstance(eta, (int, float)) or eta < 0:
-        raise ValueError(f"eta must be a number >= 0; got {eta!r}")
+    check_bool("clip_x", clip_x)
+    check_finite_number("eta", eta, minimum=0.0)
+    if noise is not None and generator is not None:
+        raise ValueError(
+            "ddim_step got both noise and generator; pass one: noise is used as given, so the "
+            "generator would be ignored"
+        )
+    if noise is not None:
+        check_tensor("noise", noise)
+        check_same_shape("noise", noise, "z_t", z_t)
+        check_finite("noise", noise)
     dtype = z_t.dtype
     alpha_t, sigma_t = schedule.alpha_sigma(t, dtype=dtype, name="t")
     alpha_s, sigma_s = schedule.alpha_sigma(s, dtype=dtype, name="s")
-    x_hat, eps_hat = to_x_eps(model_output, z_t, alpha_t, sigma_t, kind)
-    if clip_x:
-        x_hat = x_hat.clamp(-1.0, 1.0)
-        eps_hat = to_x_eps(x_hat, z_t, alpha_t, sigma_t, "x")[1]
-    if eta == 0:
-        z_s = ddim_update(x_hat, eps_hat, alpha_s, sigma_s)
-    else:
-        if noise is None:
-            noise = torch.randn(z_t.shape, generator=generator, device=z_t.device, dtype=dtype)
-        check_same_shape("noise", noise, "z_t", z_t)
+    scale = xi = None
+    if eta != 0:
+        xi = noise.to(dtype) if noise is not None else torch.randn(
+            z_t.shape, generator=generator, device=z_t.device, dtype=dtype
+        )
         scale = ddim_noise_scale(alpha_t, sigma_t, alpha_s, sigma_s, eta)
-        z_s = ddim_update(x_hat, eps_hat, alpha_s, sigma_s, noise_scale=scale, noise=noise)
+    z_s, x_hat, eps_hat = ddim_step_coeffs(
+        model_output, z_t, alpha_t, sigma_t, alpha_s, sigma_s,
+        prediction_type=kind, clip_x=clip_x, noise_scale=scale, noise=xi,
+    )
     return DDIMStepOutput(prev_sample=z_s, pred_x=x_hat, pred_eps=eps_hat)
 
 
@@ -116,7 +138,7 @@ class DDIMStep(nn.Module):
         schedule: The noise schedule.
         prediction_type: "x", "eps" or "v" (diffusers' names also accepted).
         clip_x: Clip ``x_hat`` to [-1, 1] before stepping.
-        eta: DDIM stochasticity (default 0: deterministic).
+        eta: DDIM stochasticity, a finite number >= 0 (default 0: deterministic).
 
     Example:
         >>> import torch
@@ -140,8 +162,8 @@ class DDIMStep(nn.Module):
         super().__init__()
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a kdiff NoiseSchedule; got {type(schedule).__name__}")
-        if not isinstance(eta, (int, float)) or eta < 0:
-            raise ValueError(f"eta must be a number >= 0; got {eta!r}")
+        check_bool("clip_x", clip_x)
+        check_finite_number("eta", eta, minimum=0.0)
         self.schedule = schedule
         self.prediction_type = normalize_prediction_type(prediction_type)
         self.clip_x = clip_x
@@ -194,7 +216,9 @@ def ddim_sample(
 
     Args:
         model: Any callable ``model(z_t, t, **model_kwargs)`` returning a prediction of
-            ``prediction_type``; ``t`` is a float tensor [B] of the schedule's times.
+            ``prediction_type`` shaped like ``z_t``; ``t`` is a float tensor [B] of the schedule's
+            times. A learned-variance network (2C output channels) must be wrapped to return
+            its first C channels.
         noise: Starting noise ``z_{t_N}``, [B, ...] (scaled by ``sigma_{t_N}`` is not needed for
             variance-preserving schedules where ``sigma_{t_N} ~ 1``; it is used as given).
         num_steps: ``N``, the number of network evaluations.
@@ -202,13 +226,16 @@ def ddim_sample(
         prediction_type: "x", "eps" or "v".
         clip_x: Clip ``x_hat`` to [-1, 1] at each step (the paper's evaluation protocol).
         clip_output: Clip the final sample to [-1, 1] (default: same as ``clip_x``).
-        eta: DDIM stochasticity; needs ``generator`` for reproducibility.
+        eta: DDIM stochasticity (finite, >= 0); needs ``generator`` for reproducibility.
         generator: Random generator for ``eta > 0``.
         model_kwargs: Extra keyword arguments for ``model`` (e.g. ``{"y": labels}``).
         callback: Called as ``callback(k, t, step_output)`` after each step (k counts down).
 
     Returns:
         The final sample at ``t_0`` (for a discrete schedule index 0, which is not noise-free).
+
+    Raises:
+        ValueError: If the model's output is not shaped like ``z_t``, or on a bad option.
 
     Example:
         >>> import torch
@@ -218,12 +245,20 @@ def ddim_sample(
         >>> float(out.abs().max())
         0.0
     """
+    if not callable(model):
+        raise TypeError(f"model must be callable; got {type(model).__name__}")
     check_tensor("noise", noise)
     if noise.ndim < 2:
         raise ValueError(f"noise must have shape [B, ...]; got {tuple(noise.shape)}")
     check_finite("noise", noise)
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a kdiff NoiseSchedule; got {type(schedule).__name__}")
     schedule.check_num_steps(num_steps)
     kind = normalize_prediction_type(prediction_type)
+    if clip_output is not None:
+        check_bool("clip_output", clip_output)
+    if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+        raise TypeError(f"model_kwargs must be a mapping or None; got {type(model_kwargs).__name__}")
     step = DDIMStep(schedule, prediction_type=kind, clip_x=clip_x, eta=eta)
     kwargs = model_kwargs or {}
     grid = schedule.grid(num_steps, device=noise.device).to(noise.dtype if noise.dtype == torch.float64 else torch.float32)
@@ -232,7 +267,8 @@ def ddim_sample(
     for k in range(num_steps, 0, -1):
         t = grid[k].expand(batch)
         s = grid[k - 1].expand(batch)
-        out = step(model(z, t, **kwargs), z, t, s, generator=generator)
+        output = check_model_output("model output", model(z, t, **kwargs), z.shape)
+        out = step(output, z, t, s, generator=generator)
         z = out.prev_sample
         if callback is not None:
             callback(k, t, out)

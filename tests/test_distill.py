@@ -1,10 +1,12 @@
+import re
+
 import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from kdiff import CosineSchedule, DiscreteSchedule, ProgressiveDistiller, ddim_step
-from kdiff.functional import pd_loss, pd_target
+from kdiff.functional import add_noise, pd_loss, pd_target
 from kdiff.parameterization import convert
 
 from strategies import PREDICTION_TYPES, schedules, tensors
@@ -200,3 +202,156 @@ def test_float32_and_autocast_bf16():
     assert bool(torch.isfinite(out.loss))
     out.loss.backward()
     assert student_net.weight.grad is not None and bool(torch.isfinite(student_net.weight.grad).all())
+
+
+# ------------------------------------------------------------------ target() and the split of a step
+def test_call_composes_sample_times_sample_noise_target_and_pd_loss():
+    """pd(x, generator=g) is exactly: draw t, then eps, then target(), then the student's pd_loss."""
+    sched = DiscreteSchedule.cosine(64)
+    teacher, _ = make_teacher(4)
+    student = torch.nn.Conv2d(2, 2, 1).double()
+    pd = ProgressiveDistiller(teacher, lambda z, t: student(z), sched, 8, student_prediction="v")
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    out = pd(x, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    t = pd.sample_times(SHAPE[0], generator=g)
+    eps = pd.sample_noise(x, generator=g)
+    assert eps.shape == x.shape and eps.dtype == x.dtype
+    tgt = pd.target(x, t, eps)
+    for name in ("t", "t_mid", "t_next", "z_t", "z_mid", "z_next", "x_target", "eps_target", "alpha_t", "sigma_t"):
+        assert torch.equal(getattr(tgt, name), getattr(out, name)), name
+    x_hat = convert(student(tgt.z_t), tgt.z_t, tgt.alpha_t, tgt.sigma_t, source="v", target="x")
+    torch.testing.assert_close(pd_loss(x_hat, tgt.x_target, tgt.alpha_t, tgt.sigma_t), out.loss, rtol=1e-12, atol=0)
+
+
+def test_target_is_teacher_only_and_defines_the_one_step_target():
+    sched = CosineSchedule()
+    teacher_net = torch.nn.Conv2d(2, 2, 1).double()
+    student_calls = []
+    pd = ProgressiveDistiller(lambda z, t: teacher_net(z), lambda z, t: student_calls.append(t), sched, 4)
+    x = torch.randn(SHAPE, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.25, 0.5, 0.75, 1.0, 0.5], dtype=torch.float64)
+    eps = torch.randn(SHAPE, dtype=torch.float64)
+    tgt = pd.target(x, t, eps)
+    assert student_calls == []  # the student is not run
+    # z_t keeps its gradient to x (the student's input); the teacher side has none.
+    assert tgt.z_t.requires_grad
+    assert not any(v.requires_grad for v in (tgt.z_mid, tgt.z_next, tgt.x_target, tgt.eps_target))
+    a_n, s_n = sched.alpha_sigma(t - 0.25, dtype=torch.float64)
+    assert torch.equal(tgt.alpha_next, a_n) and torch.equal(tgt.sigma_next, s_n)
+    # One DDIM step t -> t'' with (x_tilde, eps_tilde) lands on the teacher's z_t''.
+    one = tgt.alpha_next.view(-1, 1, 1, 1) * tgt.x_target + tgt.sigma_next.view(-1, 1, 1, 1) * tgt.eps_target
+    torch.testing.assert_close(one, tgt.z_next, rtol=1e-10, atol=1e-10)
+
+
+def test_target_validates_its_inputs():
+    pd = ProgressiveDistiller(lambda z, t: z, lambda z, t: z, DiscreteSchedule.cosine(16), 4)
+    x = torch.randn(3, 1, 2, 2)
+    t = torch.full((3,), 4.0)
+    with pytest.raises(ValueError, match=r"t must have shape \[3\]"):
+        pd.target(x, t[:2], torch.randn_like(x))
+    with pytest.raises(ValueError, match="t must lie on the student's grid"):
+        pd.target(x, torch.full((3,), 6.0), torch.randn_like(x))
+    with pytest.raises(ValueError, match="noise and x must have the same shape"):
+        pd.target(x, t, torch.randn(3, 1, 2, 3))
+    with pytest.raises(ValueError, match="noise contains NaN"):
+        pd.target(x, t, torch.full_like(x, float("nan")))
+    with pytest.raises(TypeError, match="model_kwargs must be a mapping"):
+        pd.target(x, t, torch.randn_like(x), model_kwargs=[1])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("teacher_kind", PREDICTION_TYPES)
+def test_teacher_half_steps_clip_exactly_like_ddim_step(teacher_kind):
+    """clip_teacher_x and ddim_step(clip_x=True) share one implementation: identical half-steps."""
+    sched = DiscreteSchedule.cosine(64)
+    teacher = lambda z, t: 4.0 * torch.tanh(z) + 0.5  # noqa: E731  (x_hat far outside [-1, 1])
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    eps = torch.randn(SHAPE, dtype=torch.float64)
+    t = torch.tensor([8.0, 16, 24, 64, 32], dtype=torch.float64)
+    clipped = ProgressiveDistiller(teacher, teacher, sched, 8, teacher_prediction=teacher_kind, clip_teacher_x=True)
+    plain = ProgressiveDistiller(teacher, teacher, sched, 8, teacher_prediction=teacher_kind)
+    tgt = clipped.target(x, t, eps)
+    step1 = ddim_step(teacher(tgt.z_t, t), tgt.z_t, t, tgt.t_mid, schedule=sched, prediction_type=teacher_kind, clip_x=True)
+    assert step1.pred_x.abs().max() <= 1.0 and torch.equal(step1.prev_sample, tgt.z_mid)
+    step2 = ddim_step(teacher(tgt.z_mid, tgt.t_mid), tgt.z_mid, tgt.t_mid, tgt.t_next, schedule=sched,
+                      prediction_type=teacher_kind, clip_x=True)
+    assert torch.equal(step2.prev_sample, tgt.z_next)
+    # The option matters: without it the half-steps differ.
+    assert not torch.allclose(plain.target(x, t, eps).z_mid, tgt.z_mid)
+
+
+# ------------------------------------------------------------------ output shapes and options
+@pytest.mark.parametrize(
+    "bad_shape, hint",
+    [((5, 1, 3, 3), None), ((1, 2, 3, 3), None), ((5, 4, 3, 3), "learned-variance"), ((5, 2, 3), None)],
+    ids=["one-channel", "batch-of-one", "learned-variance", "missing-dim"],
+)
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_model_outputs_must_have_the_shape_of_z_t(bad_shape, hint, which):
+    good = lambda z, t: z  # noqa: E731
+    bad = lambda z, t: torch.zeros(bad_shape, dtype=z.dtype)  # noqa: E731
+    models = (bad, good) if which == "teacher" else (good, bad)
+    pd = ProgressiveDistiller(*models, DiscreteSchedule.cosine(16), 2)
+    pattern = rf"{which} output must have the shape of z_t \(5, 2, 3, 3\); got {re.escape(str(bad_shape))}"
+    with pytest.raises(ValueError, match=pattern) as err:
+        pd(torch.randn(SHAPE))
+    if hint:
+        assert "learned-variance" in str(err.value) and "first 2 channels" in str(err.value)
+    else:
+        assert "learned-variance" not in str(err.value)
+
+
+def test_model_output_must_be_a_tensor():
+    pd = ProgressiveDistiller(lambda z, t: z, lambda z, t: (z, z), DiscreteSchedule.cosine(16), 2)
+    with pytest.raises(TypeError, match="student output must be a torch.Tensor; got tuple"):
+        pd(torch.randn(SHAPE))
+
+
+@pytest.mark.parametrize("steps", [True, 2.0, "4", None])
+def test_num_student_steps_must_be_an_int(steps):
+    f = lambda z, t: z  # noqa: E731
+    with pytest.raises(ValueError, match="num_student_steps must be a positive int"):
+        ProgressiveDistiller(f, f, DiscreteSchedule.cosine(16), steps)  # type: ignore[arg-type]
+
+
+def test_bad_options_are_refused():
+    f = lambda z, t: z  # noqa: E731
+    sched = DiscreteSchedule.cosine(16)
+    with pytest.raises(ValueError, match="clip_teacher_x must be True or False; got 'yes'"):
+        ProgressiveDistiller(f, f, sched, 4, clip_teacher_x="yes")  # type: ignore[arg-type]
+    pd = ProgressiveDistiller(f, f, sched, 4)
+    x = torch.randn(3, 1, 2, 2)
+    with pytest.raises(ValueError, match="generator is unused when both t and noise are given"):
+        pd(x, t=torch.full((3,), 4.0), noise=torch.randn_like(x), generator=torch.Generator())
+    with pytest.raises(TypeError, match="model_kwargs must be a mapping"):
+        pd(x, model_kwargs=("y", 1))  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ functional primitives
+def test_add_noise_is_the_forward_process_and_refuses_broadcasts():
+    x, eps = torch.randn(SHAPE, dtype=torch.float64), torch.randn(SHAPE, dtype=torch.float64)
+    a, s = torch.rand(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64)
+    z = add_noise(x, eps, a, s)
+    for i in range(5):
+        torch.testing.assert_close(z[i], a[i] * x[i] + s[i] * eps[i], rtol=0, atol=0)
+    assert torch.equal(add_noise(x, eps, a.view(5, 1, 1, 1), s.view(5, 1, 1, 1)), z)
+    torch.testing.assert_close(add_noise(x, eps, a[0], s[0]), a[0] * x + s[0] * eps, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"alpha_t must have shape \[5\]"):
+        add_noise(x, eps, a[:1], s)
+    with pytest.raises(ValueError, match=r"sigma_t must have shape \[5\]"):
+        add_noise(x, eps, a, torch.rand(5, 2, 1, 1))
+    with pytest.raises(ValueError, match="noise and x must have the same shape"):
+        add_noise(x, eps[:, :1], a, s)
+    with pytest.raises(TypeError, match="alpha_t must be a torch.Tensor"):
+        add_noise(x, eps, 0.5, s)  # type: ignore[arg-type]
+
+
+def test_pd_functions_refuse_silent_broadcasts():
+    z, a = torch.randn(4, 3, 2, 2), torch.rand(4) + 0.1
+    # pd_loss weights a per-example error [B]: [B, 1, 1, 1] coefficients would make it [B, 1, 1, B].
+    with pytest.raises(ValueError, match=r"alpha_t must have shape \[4\]"):
+        pd_loss(z, z, a.view(4, 1, 1, 1), a)
+    with pytest.raises(ValueError, match="z_t2 and z_t must have the same shape"):
+        pd_target(z, z[:1], a, a, a, a)
+    with pytest.raises(ValueError, match=r"sigma_t2 must have shape \[4\]"):
+        pd_target(z, z, a, a, a, a[:2])

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kdiff.parameterization import convert, normalize_prediction_type, to_v, to_x_eps
+from kdiff.parameterization import convert, normalize_prediction_type, to_v, to_x, to_x_eps
 
 from strategies import PREDICTION_TYPES, interior_times, schedules, tensors
 
@@ -45,3 +45,20 @@ def test_diffusers_aliases_and_errors():
         normalize_prediction_type("score")
     with pytest.raises(ValueError, match="target must be one of"):
         convert(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1), torch.ones(1), source="x", target="noise")
+
+
+@pytest.mark.parametrize("kind", PREDICTION_TYPES)
+def test_prediction_of_another_shape_is_refused_not_broadcast(kind):
+    z, a, s = torch.randn(SHAPE), torch.rand(B), torch.rand(B)
+    for bad in (torch.randn(B, 1, 2, 2), torch.randn(1, 3, 2, 2)):  # both would broadcast against z
+        for fn in (to_x_eps, to_x, to_v):
+            with pytest.raises(ValueError, match="prediction and z_t must have the same shape"):
+                fn(bad, z, a, s, kind)
+
+
+@given(sched=schedules(), data=st.data(), kind=st.sampled_from(PREDICTION_TYPES))
+def test_to_x_agrees_with_to_x_eps(sched, data, kind):
+    t = data.draw(interior_times(sched, B))
+    alpha, sigma = sched.alpha_sigma(t, dtype=torch.float64)
+    z, pred = data.draw(tensors(SHAPE)), data.draw(tensors(SHAPE))
+    torch.testing.assert_close(to_x(pred, z, alpha, sigma, kind), to_x_eps(pred, z, alpha, sigma, kind)[0], rtol=0, atol=0)

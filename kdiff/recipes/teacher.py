@@ -20,14 +20,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdiff.functional import ddim_update, pd_loss
+from kdiff.functional import add_noise, pd_loss
 from kdiff.models import UNet
 from kdiff.parameterization import to_x_eps
 from kdiff.sampling import ddim_sample
 from kdiff.schedules import schedule_from_dict
 
 from .config import TeacherConfig
-from .engine import StepHook, Trainer, fixed_noise, load_image_data, setup_runtime, teardown_runtime
+from .engine import StepHook, Trainer, fixed_noise, load_image_data, setup_runtime
 
 __all__ = ["train_teacher", "unet_metadata"]
 
@@ -48,59 +48,56 @@ def train_teacher(config: TeacherConfig, *, hooks: list[StepHook] | None = None)
         hooks: Called as ``hook(step)`` after every update (after any checkpoint of that step).
 
     Returns:
-        Path of the final weights; their JSON sidecar holds the schedule, prediction type,
+        Path of the final weights; their metadata holds the schedule, prediction type,
         step count, config and library version.
     """
     if not isinstance(config, TeacherConfig):
         raise TypeError(f"config must be a TeacherConfig; got {type(config).__name__}")
     rt = setup_runtime(config.device)
-    try:
-        schedule = schedule_from_dict(config.schedule)
-        data = load_image_data(config, rt.device)
-        torch.manual_seed(config.seed)
-        model = UNet(config.unet).to(rt.device)
-        torch.manual_seed(config.seed + 1 + rt.rank)  # dropout differs per process
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps)
-        out_dir = Path(config.out_dir)
-        metadata = {
-            "kind": "teacher",
-            "method": "diffusion",
-            "model": unet_metadata(model),
-            "schedule": schedule.to_dict(),
-            "prediction_type": config.prediction_type,
-            "num_steps": None,
-            "round": 0,
-        }
-        trainer = Trainer(
-            config, rt, name="teacher", model=model, optimizer=optimizer, data=data,
-            total_steps=config.steps, out_dir=out_dir, metadata=metadata,
-            ema_decay=config.ema_decay, hooks=hooks,
-        )
-        t_max = schedule.t_max
+    schedule = schedule_from_dict(config.schedule)
+    data = load_image_data(config, rt.device)
+    torch.manual_seed(config.seed)
+    model = UNet(config.unet).to(rt.device)
+    torch.manual_seed(config.seed + 1 + rt.rank)  # dropout differs per process
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps)
+    out_dir = Path(config.out_dir)
+    metadata = {
+        "kind": "teacher",
+        "method": "diffusion",
+        "model": unet_metadata(model),
+        "schedule": schedule.to_dict(),
+        "prediction_type": config.prediction_type,
+        "num_steps": None,
+        "round": 0,
+    }
+    trainer = Trainer(
+        config, rt, name="teacher", model=model, optimizer=optimizer, data=data,
+        total_steps=config.steps, out_dir=out_dir, metadata=metadata,
+        ema_decay=config.ema_decay, hooks=hooks,
+    )
+    t_max = schedule.t_max
 
-        def compute_loss(step: int) -> tuple[Tensor, dict[str, Tensor]]:
-            batch = trainer.batch(step)
-            g = batch.generator
-            if schedule.is_discrete:
-                t = trainer.draw_randint(g, 1, int(t_max) + 1).to(torch.float32)
-            else:
-                t = (1.0 - trainer.draw_rand(g)) * t_max  # (0, t_max]
-            eps = trainer.draw_randn(g, *batch.x.shape[1:])
-            alpha, sigma = schedule.alpha_sigma(t, dtype=torch.float32)
-            z_t = ddim_update(batch.x, eps, alpha, sigma)
-            with trainer.autocast():
-                out = trainer.net(z_t, t)
-            x_hat, _ = to_x_eps(out.float(), z_t, alpha, sigma, config.prediction_type)
-            loss = pd_loss(x_hat, batch.x, alpha, sigma, weighting=config.weighting)
-            return loss, {}
+    def compute_loss(step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        batch = trainer.batch(step)
+        g = batch.generator
+        if schedule.is_discrete:
+            t = trainer.draw_randint(g, 1, int(t_max) + 1).to(torch.float32)
+        else:
+            t = (1.0 - trainer.draw_rand(g)) * t_max  # (0, t_max]
+        eps = trainer.draw_randn(g, *batch.x.shape[1:])
+        alpha, sigma = schedule.alpha_sigma(t, dtype=torch.float32)
+        z_t = add_noise(batch.x, eps, alpha, sigma)
+        with trainer.autocast():
+            out = trainer.net(z_t, t)
+        x_hat, _ = to_x_eps(out.float(), z_t, alpha, sigma, config.prediction_type)
+        loss = pd_loss(x_hat, batch.x, alpha, sigma, weighting=config.weighting)
+        return loss, {}
 
-        noise = fixed_noise(config, (config.num_samples, config.unet.in_channels, config.unet.image_size, config.unet.image_size), rt.device)
+    noise = fixed_noise(config, (config.num_samples, config.unet.in_channels, config.unet.image_size, config.unet.image_size), rt.device)
 
-        def sample() -> Tensor:
-            return ddim_sample(trainer.eval_model, noise, config.sample_steps, schedule=schedule,
-                               prediction_type=config.prediction_type, clip_x=True)
+    def sample() -> Tensor:
+        return ddim_sample(trainer.eval_model, noise, config.sample_steps, schedule=schedule,
+                           prediction_type=config.prediction_type, clip_x=True)
 
-        trainer.fit(compute_loss, sample=sample)
-        return trainer.save_final(out_dir / "teacher.safetensors")
-    finally:
-        teardown_runtime(rt)
+    trainer.fit(compute_loss, sample=sample)
+    return trainer.save_final(out_dir / "teacher.safetensors")
