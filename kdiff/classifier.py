@@ -3,44 +3,77 @@
 CFD distils through the classifier's penultimate pooled features ``f(x)`` (docs/method.md §3). Users
 have classifiers in three forms, all accepted by :class:`FrozenClassifier`:
 
-1. a module (or callable) returning ``(logits, features)``;
+1. a module returning ``(logits, features)``;
 2. any ``nn.Module`` plus ``feature_layer``, the name of the sub-module whose output is the feature
    vector (read with a forward hook; a [B, C, H, W] output is global-average-pooled), e.g.
    ``"avgpool"`` of a torchvision ResNet or ``"global_pool"`` of a timm model;
 3. a plain callable returning ``(logits, features)``.
 
-The classifier is frozen: its parameters must not require gradients (``freeze=True`` turns them
-off) and it always runs in eval mode. The input transform is explicit (pitfalls 3 and 4 of the
-paper's code): map the diffusion range [-1, 1] to the classifier's range, normalise by mean/std,
-resize bilinearly to the classifier's resolution.
+:class:`FrozenClassifier` is the one owner of the classifier's input transform
+(:class:`ClassifierTransform`). Its default maps the diffusion range [-1, 1] to [0, 1], the input
+range of classifiers trained on [0, 1] images (torchvision's, kdiff's own); the paper fed raw
+[-1, 1] images, which is ``ClassifierTransform(output_range=(-1, 1))``.
 """
 
 from __future__ import annotations
 
+import difflib
+import re
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import einops
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._validation import _is_finite_real
+
 __all__ = ["ClassifierTransform", "FrozenClassifier"]
+
+
+def _float_pair(name: str, value: Any) -> tuple[float, float]:
+    try:
+        lo, hi = value
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be (low, high); got {value!r}") from None
+    if not (_is_finite_real(lo) and _is_finite_real(hi)) or not lo < hi:
+        raise ValueError(f"{name} must be (low, high) of finite numbers with low < high; got {value!r}")
+    return float(lo), float(hi)
+
+
+def _float_tuple(name: str, value: Any) -> tuple[float, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise ValueError(f"{name} must be a non-empty sequence of per-channel numbers; got {value!r}")
+    if not all(_is_finite_real(v) for v in value):
+        raise ValueError(f"{name} must hold finite numbers; got {tuple(value)!r}")
+    return tuple(float(v) for v in value)
 
 
 @dataclass(frozen=True)
 class ClassifierTransform:
     """Maps generated images to a classifier's expected input.
 
-    ``x -> resize((lerp(x, input_range -> output_range) - mean) / std, size)``.
+    ``x -> resize((lerp(x, input_range -> output_range) - mean) / std, size)``. The default,
+    ``ClassifierTransform()``, maps [-1, 1] to [0, 1] and nothing else: the convention of
+    classifiers trained on [0, 1] images (torchvision's, kdiff's own). The paper fed the raw [-1, 1]
+    images to its classifiers: that is ``ClassifierTransform(output_range=(-1, 1))`` (add
+    ``size=224, align_corners=True`` for its ImageNet classifiers).
+
+    uint8 images are read as [0, 255] (mapped to ``output_range``), so saved samples and dataset
+    images go through the same function as generated float images.
 
     Attributes:
-        input_range: Range of the images given (diffusion models: (-1, 1)).
+        input_range: Range of the float images given (diffusion models: (-1, 1)).
         output_range: Range the classifier was trained on before normalisation (usually (0, 1)).
         mean: Per-channel mean for normalisation, or None.
-        std: Per-channel std for normalisation, or None.
+        std: Per-channel std for normalisation (each > 0), or None.
         size: Classifier resolution (int or (H, W)), or None to keep the size.
         align_corners: For the bilinear resize (the paper's code used True for 224x224).
+        clamp: Clamp the mapped images to ``output_range`` before normalising (for evaluation;
+            leave off in training losses, where it would zero gradients outside the range).
 
     Example:
         >>> import torch
@@ -48,6 +81,9 @@ class ClassifierTransform:
         >>> tf = ClassifierTransform(mean=(0.4914, 0.4822, 0.4465), std=(0.247, 0.243, 0.261))
         >>> tf(torch.zeros(2, 3, 32, 32)).shape
         torch.Size([2, 3, 32, 32])
+        >>> paper = ClassifierTransform(output_range=(-1, 1))   # raw [-1, 1] images, as in the paper
+        >>> bool((paper(torch.ones(1, 3, 4, 4)) == 1).all())
+        True
     """
 
     input_range: tuple[float, float] = (-1.0, 1.0)
@@ -56,63 +92,183 @@ class ClassifierTransform:
     std: Sequence[float] | None = None
     size: int | tuple[int, int] | None = None
     align_corners: bool = False
+    clamp: bool = False
 
     def __post_init__(self) -> None:
+        # Stored as tuples of floats, so transforms built from lists (e.g. JSON metadata) compare
+        # and hash equal to those built from tuples.
         for name in ("input_range", "output_range"):
-            lo, hi = getattr(self, name)
-            if not lo < hi:
-                raise ValueError(f"{name} must be (low, high) with low < high; got {(lo, hi)}")
+            object.__setattr__(self, name, _float_pair(name, getattr(self, name)))
         if (self.mean is None) != (self.std is None):
             raise ValueError("mean and std must be given together")
-        if self.std is not None and any(s <= 0 for s in self.std):
-            raise ValueError(f"std must be > 0 per channel; got {tuple(self.std)}")
+        if self.mean is not None and self.std is not None:
+            mean, std = _float_tuple("mean", self.mean), _float_tuple("std", self.std)
+            if len(mean) != len(std):
+                raise ValueError(f"mean and std must have one value per channel each; got {len(mean)} and {len(std)}")
+            if any(s <= 0 for s in std):
+                raise ValueError(f"std must be > 0 per channel; got {std}")
+            object.__setattr__(self, "mean", mean)
+            object.__setattr__(self, "std", std)
         if self.size is not None:
-            size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
-            if len(size) != 2 or any(not isinstance(s, int) or s < 1 for s in size):
+            size = (self.size, self.size) if isinstance(self.size, int) else self.size
+            ok = isinstance(size, Sequence) and len(size) == 2 and all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size
+            )
+            if not ok:
                 raise ValueError(f"size must be a positive int or (H, W); got {self.size!r}")
+            object.__setattr__(self, "size", tuple(size))
+        for name in ("align_corners", "clamp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")
+
+    @property
+    def channels(self) -> int | None:
+        """Number of channels ``mean``/``std`` fix, or None without normalisation."""
+        return None if self.mean is None else len(self.mean)
 
     def __call__(self, images: Tensor) -> Tensor:
+        """The classifier's input for ``images`` ([B, C, H, W], float in ``input_range`` or uint8)."""
+        if not isinstance(images, Tensor):
+            raise TypeError(f"images must be a torch.Tensor; got {type(images).__name__}")
         if images.ndim != 4:
             raise ValueError(f"images must have shape [B, C, H, W]; got {tuple(images.shape)}")
-        (a, b), (c, d) = self.input_range, self.output_range
+        if self.channels is not None and images.shape[1] != self.channels:
+            raise ValueError(
+                f"images must have {self.channels} channels (one per mean/std value); got "
+                f"{images.shape[1]} (shape {tuple(images.shape)})"
+            )
+        (c, d) = self.output_range
+        if images.dtype == torch.uint8:
+            a, b = 0.0, 255.0
+            images = images.float()
+        elif images.is_floating_point():
+            a, b = self.input_range
+        else:
+            raise TypeError(f"images must be a float tensor (or uint8); got {images.dtype}")
         scale = (d - c) / (b - a)
         x = images * scale + (c - a * scale) if (a, b) != (c, d) else images
+        if self.clamp:
+            x = x.clamp(c, d)
         if self.mean is not None and self.std is not None:
-            if len(self.mean) != x.shape[1]:
-                raise ValueError(
-                    f"mean/std have {len(self.mean)} channels but images have {x.shape[1]}"
-                )
             mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
             inv_std = torch.tensor([1.0 / s for s in self.std], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
             x = (x - mean) * inv_std
-        if self.size is not None:
-            size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
-            if tuple(x.shape[-2:]) != size:
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=self.align_corners)
         return x
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable record of the transform (for evaluation protocols and cache keys)."""
+        return {
+            "input_range": list(self.input_range),
+            "uint8_range": [0, 255],
+            "output_range": list(self.output_range),
+            "clamp": self.clamp,
+            "mean": None if self.mean is None else list(self.mean),
+            "std": None if self.std is None else list(self.std),
+            "size": None if self.size is None else list(self.size),  # type: ignore[arg-type]
+            "resize": "bilinear" + (" align_corners" if self.align_corners else ""),
+        }
+
+
+# Names that usually hold the pooled penultimate features (or the layer right after them).
+_FEATURE_LAYER_HINT = re.compile(r"pool|flatten|penultimate|global|head|fc|classifier|features?$", re.I)
+
+
+def _feature_layer_error(feature_layer: str, classifier: nn.Module) -> ValueError:
+    modules = [(n, m) for n, m in classifier.named_modules() if n]
+    names = [n for n, _ in modules]
+    top = [n for n, _ in classifier.named_children()]
+    # By name (``avgpool``, ``global_pool``, ``fc``) or by type (the digits of an nn.Sequential).
+    likely = [
+        f"{n} ({type(m).__name__})"
+        for n, m in modules
+        if _FEATURE_LAYER_HINT.search(n.rsplit(".", 1)[-1]) or _FEATURE_LAYER_HINT.search(type(m).__name__)
+    ]
+    close = difflib.get_close_matches(feature_layer, names, n=3, cutoff=0.5)
+    parts = [f"feature_layer {feature_layer!r} is not a sub-module of the classifier"]
+    if close:
+        parts.append(f"did you mean {' or '.join(map(repr, close))}?")
+    parts.append(f"top-level modules: {top}")
+    if likely:
+        parts.append(f"pooling/penultimate-looking modules: {', '.join(likely[:20])}")
+    return ValueError("; ".join(parts) + " (names as in classifier.named_modules())")
+
+
+def _first_layer_channels(classifier: nn.Module) -> tuple[str, int] | None:
+    """``(name, in_channels)`` when the first layer with parameters is a Conv2d, else None."""
+    for name, module in classifier.named_modules():
+        if isinstance(module, nn.Conv2d) and not isinstance(module, nn.modules.lazy.LazyModuleMixin):
+            return name, module.in_channels
+        if next(module.parameters(recurse=False), None) is not None:
+            return None
+    return None
+
+
+class _CaptureHook:
+    """Forward hook recording a layer's output into its FrozenClassifier while that wrapper's
+    forward runs.
+
+    It holds the wrapper weakly, so it never keeps the wrapper (or tensors) alive; copies and
+    pickles of it are dead (record nothing), and a copied wrapper attaches a fresh one.
+    """
+
+    def __init__(self, owner: FrozenClassifier | None) -> None:
+        self.owner = None if owner is None else weakref.ref(owner)
+
+    def dead(self) -> bool:
+        return self.owner is None or self.owner() is None
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        wrapper = None if self.owner is None else self.owner()
+        if wrapper is not None and wrapper._slot is not None:
+            wrapper._slot.append(output[0] if isinstance(output, (tuple, list)) else output)
+
+    def __reduce__(self) -> tuple[type, tuple[None]]:
+        return (_CaptureHook, (None,))
 
 
 class FrozenClassifier(nn.Module):
-    """Wraps a frozen classifier as ``images -> (logits, features)``.
+    """Wraps a frozen classifier as ``images -> (logits, features)``, with its input transform.
+
+    The wrapper owns the input transform: ``transform=None`` means ``ClassifierTransform()``,
+    which maps [-1, 1] to [0, 1] (classifiers trained on [0, 1] images); pass
+    ``ClassifierTransform(output_range=(-1, 1))`` for the paper's setting (raw [-1, 1] images),
+    or a transform with the classifier's ``mean``/``std``/``size``.
+
+    Side effects on the module given (kept after the wrapper is gone): its parameters get
+    ``requires_grad=False`` (with ``freeze=True``) and it is put in eval mode, and kept there
+    whatever ``.train()`` is later called on the wrapper. Plain callables are used as given.
+
+    With ``feature_layer``, a forward hook on that layer records its output only while this
+    wrapper's own forward runs: calling the classifier directly, or through another wrapper,
+    records nothing here. The hook is removed by :meth:`remove` (or on leaving a ``with`` block),
+    and when the wrapper is garbage-collected.
+
+    When the classifier's first layer with parameters is an ``nn.Conv2d``, the transformed
+    images must have its ``in_channels`` (a ``ValueError`` names both counts).
 
     Args:
         classifier: A module or callable returning ``(logits, features)``, or any ``nn.Module``
             returning logits when ``feature_layer`` is given.
         feature_layer: Name (as in ``named_modules()``) of the layer whose output is the feature
             vector; outputs with spatial dims are global-average-pooled to [B, D].
-        transform: Input transform applied before the classifier (default: identity).
-        freeze: Turn off ``requires_grad`` of the classifier's parameters. With ``freeze=False``
-            a classifier with trainable parameters is refused.
+        transform: The input transform (default ``ClassifierTransform()``: [-1, 1] -> [0, 1]).
+        freeze: Turn off ``requires_grad`` of the module's parameters. With ``freeze=False`` a
+            module with trainable parameters is refused. (A plain callable has no parameters to
+            inspect; freezing it is the caller's job.)
 
     Example:
         >>> import torch
-        >>> from kdiff import FrozenClassifier
+        >>> from kdiff import ClassifierTransform, FrozenClassifier
         >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(),
         ...                           torch.nn.Linear(8, 10))
-        >>> clf = FrozenClassifier(net, feature_layer="2")   # the ReLU's output is f(x)
-        >>> logits, feats = clf(torch.randn(4, 3, 2, 2))
+        >>> with FrozenClassifier(net, feature_layer="2") as clf:   # the ReLU's output is f(x)
+        ...     logits, feats = clf(torch.randn(4, 3, 2, 2))
         >>> logits.shape, feats.shape
         (torch.Size([4, 10]), torch.Size([4, 8]))
+        >>> paper = FrozenClassifier(net, transform=ClassifierTransform(output_range=(-1, 1)),
+        ...                          feature_layer="2")
     """
 
     def __init__(
@@ -126,40 +282,82 @@ class FrozenClassifier(nn.Module):
         super().__init__()
         if not callable(classifier):
             raise TypeError(f"classifier must be an nn.Module or callable; got {type(classifier).__name__}")
-        self._captured: list[Tensor] = []
-        self._hook = None
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be a ClassifierTransform or callable; got {type(transform).__name__}")
+        if feature_layer is not None and not isinstance(feature_layer, str):
+            raise TypeError(f"feature_layer must be a module name (str); got {type(feature_layer).__name__}")
+        if not isinstance(freeze, bool):
+            raise ValueError(f"freeze must be True or False; got {freeze!r}")
+        self._slot: list[Tensor] | None = None
+        self._detach: weakref.finalize | None = None
+        self._hooked = False
+        self._first_layer: tuple[str, int] | None = None
         if isinstance(classifier, nn.Module):
-            self.classifier: nn.Module | None = classifier
-            self._callable: Callable[[Tensor], Any] = classifier
+            # Check everything before touching the user's module.
+            layer = None
+            if feature_layer is not None:
+                layer = dict(classifier.named_modules()).get(feature_layer)
+                if layer is None:
+                    raise _feature_layer_error(feature_layer, classifier)
             trainable = [n for n, p in classifier.named_parameters() if p.requires_grad]
-            if freeze:
-                classifier.requires_grad_(False)
-            elif trainable:
+            if not freeze and trainable:
                 raise ValueError(
                     "classifier must be frozen: parameters "
                     f"{', '.join(trainable[:3])}{'...' if len(trainable) > 3 else ''} require grad "
                     "(pass freeze=True or call classifier.requires_grad_(False))"
                 )
+            classifier.requires_grad_(False)
             classifier.eval()
-            if feature_layer is not None:
-                modules = dict(classifier.named_modules())
-                if feature_layer not in modules:
-                    names = [n for n in modules if n][:12]
-                    raise ValueError(
-                        f"feature_layer {feature_layer!r} is not a sub-module of the classifier; "
-                        f"some names it has: {names}"
-                    )
-                self._hook = modules[feature_layer].register_forward_hook(self._capture)
+            self.classifier: nn.Module | None = classifier
+            self._fn: Callable[[Tensor], Any] | None = None  # the module is called as self.classifier
+            self._first_layer = _first_layer_channels(classifier)
+            if layer is not None:
+                self._attach(layer)
         else:
             if feature_layer is not None:
                 raise ValueError("feature_layer needs the classifier to be an nn.Module")
             self.classifier = None
-            self._callable = classifier
+            self._fn = classifier
         self.feature_layer = feature_layer
-        self.transform = transform
+        self.transform: ClassifierTransform | Callable[[Tensor], Tensor] = (
+            ClassifierTransform() if transform is None else transform
+        )
 
-    def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._captured.append(output[0] if isinstance(output, (tuple, list)) else output)
+    def _attach(self, layer: nn.Module) -> None:
+        # Drop dead hooks first: those copied along with a deep-copied or unpickled classifier.
+        for key, hook in list(layer._forward_hooks.items()):
+            if isinstance(hook, _CaptureHook) and hook.dead():
+                del layer._forward_hooks[key]
+        handle = layer.register_forward_hook(_CaptureHook(self))
+        # Removes the hook when the wrapper is garbage-collected (the hook holds it weakly).
+        self._detach = weakref.finalize(self, handle.remove)
+        self._hooked = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_detach=None, _slot=None)  # a finaliser belongs to this object only
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self._hooked and self.classifier is not None and self.feature_layer is not None:
+            self._attach(self.classifier.get_submodule(self.feature_layer))
+
+    def remove(self) -> None:
+        """Remove the ``feature_layer`` hook from the classifier (idempotent).
+
+        The wrapper cannot be called afterwards; a classifier that returns ``(logits, features)``
+        has no hook and is unaffected.
+        """
+        if self._detach is not None:
+            self._detach()
+        self._hooked = False
+
+    def __enter__(self) -> FrozenClassifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
 
     def train(self, mode: bool = True) -> FrozenClassifier:
         # The classifier stays in eval mode (BatchNorm statistics, no dropout) whatever the parent does.
@@ -168,20 +366,35 @@ class FrozenClassifier(nn.Module):
             self.classifier.eval()
         return self
 
+    def _call(self, x: Tensor) -> Any:
+        return self.classifier(x) if self.classifier is not None else self._fn(x)  # type: ignore[misc]
+
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``(logits [B, K], features [B, D])`` of ``images`` (in the transform's input range)."""
-        x = self.transform(images) if self.transform is not None else images
+        x = self.transform(images)
+        if self._first_layer is not None and isinstance(x, Tensor) and x.ndim == 4:
+            name, channels = self._first_layer
+            if x.shape[1] != channels:
+                raise ValueError(
+                    f"images have {x.shape[1]} channels (shape {tuple(x.shape)} after the transform) "
+                    f"but the classifier's first layer {name!r} expects {channels}"
+                )
         if self.feature_layer is not None:
-            self._captured.clear()
-            logits = self._callable(x)
-            if not self._captured:
+            if not self._hooked:
+                raise RuntimeError("this FrozenClassifier's feature_layer hook was removed; wrap the classifier again")
+            slot: list[Tensor] = []
+            self._slot = slot
+            try:
+                logits = self._call(x)
+            finally:
+                self._slot = None
+            if not slot:
                 raise ValueError(f"feature_layer {self.feature_layer!r} did not run in the classifier's forward")
-            features = self._captured[-1]
-            self._captured.clear()
+            features = slot[-1]  # the last call, for a layer used more than once
             if isinstance(logits, (tuple, list)):
                 logits = logits[0]
         else:
-            out = self._callable(x)
+            out = self._call(x)
             if not isinstance(out, (tuple, list)) or len(out) < 2:
                 raise TypeError(
                     "classifier returned no features: it must return (logits, features), or pass "
@@ -191,10 +404,13 @@ class FrozenClassifier(nn.Module):
         if not isinstance(features, Tensor) or not isinstance(logits, Tensor):
             raise TypeError("classifier must produce tensors for logits and features")
         if features.ndim > 2:
-            features = features.flatten(2).mean(-1)  # global average pooling
+            features = einops.reduce(features, "b c ... -> b c", "mean")  # global average pooling
         if logits.ndim != 2 or features.ndim != 2 or features.shape[0] != logits.shape[0]:
             raise ValueError(
                 f"classifier must give logits [B, K] and features [B, D]; got {tuple(logits.shape)} "
                 f"and {tuple(features.shape)}"
             )
         return logits, features
+
+    def extra_repr(self) -> str:
+        return f"feature_layer={self.feature_layer!r}, transform={self.transform!r}"

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -38,6 +40,7 @@ __all__ = [
     "ddim_step_coeffs",
     "pd_target",
     "pd_loss",
+    "resolve_weighting",
     "WEIGHTINGS",
     "feature_kl_loss",
     "entropy_loss",
@@ -47,6 +50,8 @@ __all__ = [
 
 Reduction = Literal["none", "mean", "sum", "batchmean"]
 WEIGHTINGS: tuple[str, ...] = ("truncated_snr", "snr_plus_one", "x_mse", "eps_mse")
+# Weightings that scale the x error by >= 1 where SNR < 1: on an eps student, eps errors by >= 1/SNR.
+_X_SCALE_WEIGHTINGS = ("truncated_snr", "snr_plus_one", "x_mse")
 
 
 def _loss_dtype(x: Tensor) -> torch.dtype:
@@ -272,6 +277,11 @@ def pd_loss(
     The eps and v errors are exact linear images of the x error at fixed ``z_t``
     (``eps_hat - eps_tilde = -(alpha_t/sigma_t)(x_hat - x_tilde)``), so one squared error suffices.
 
+    The weighting must suit the student's prediction type (:func:`resolve_weighting`): for an
+    eps-student ``"truncated_snr"`` is ``max(1, 1/SNR) * mean (eps_hat - eps_tilde)^2``, which
+    weighs the noisiest step by ``1/SNR`` (about 2.5e4 at the top of DDPM's linear betas, 1000
+    steps); use ``"eps_mse"`` there.
+
     Args:
         x_hat: Student x-prediction, [B, ...].
         x_tilde: PD target, [B, ...].
@@ -297,6 +307,45 @@ def pd_loss(
     else:
         per_example = err
     return _reduce_per_example(per_example, reduction)
+
+
+def resolve_weighting(weighting: str, prediction_type: str, *, stacklevel: int = 2) -> str:
+    """The :func:`pd_loss` weighting for a student of ``prediction_type``.
+
+    ``"auto"`` gives ``"truncated_snr"`` for x- and v-students (the PD paper's choice) and
+    ``"eps_mse"`` for eps-students: ``eps_hat`` reaches ``x_hat = (z_t - sigma_t eps_hat) / alpha_t``
+    through a ``sigma_t/alpha_t`` amplification, so a weighting that holds the x error at full
+    weight where ``SNR < 1`` (``"truncated_snr"``, ``"snr_plus_one"``, ``"x_mse"``) weighs the
+    eps error there by ``1/SNR`` or more, and the noisiest steps swamp the loss. Such an explicit
+    choice for an eps-student is kept but warned about (``UserWarning``).
+
+    Args:
+        weighting: ``"auto"`` or one of ``WEIGHTINGS``.
+        prediction_type: The student's output type: "x", "eps" or "v" (or diffusers' names).
+        stacklevel: Passed to :func:`warnings.warn` (2: the caller of this function).
+
+    Returns:
+        One of ``WEIGHTINGS``.
+
+    Example:
+        >>> from kdiff.functional import resolve_weighting
+        >>> resolve_weighting("auto", "v"), resolve_weighting("auto", "epsilon")
+        ('truncated_snr', 'eps_mse')
+    """
+    check_choice("weighting", weighting, ("auto", *WEIGHTINGS))
+    kind = normalize_prediction_type(prediction_type)
+    if weighting == "auto":
+        return "eps_mse" if kind == "eps" else "truncated_snr"
+    if kind == "eps" and weighting in _X_SCALE_WEIGHTINGS:
+        warnings.warn(
+            f"weighting={weighting!r} with an eps-predicting student weighs its eps error by "
+            "1/SNR or more at high noise (about 2.5e4 at the top of DDPM's linear betas), so the "
+            "noisiest steps dominate training; use weighting='eps_mse' (what 'auto' picks for "
+            "eps), or a v- or x-predicting student",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+    return weighting
 
 
 def _reduce_per_example(values: Tensor, reduction: str) -> Tensor:

@@ -7,18 +7,26 @@ them costs no host sync until the caller reads them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_choice, check_positive, check_same_shape, check_unit_interval
+from ._validation import (
+    check_choice,
+    check_finite_number,
+    check_positive,
+    check_same_shape,
+    check_unit_interval,
+)
 from .classifier import ClassifierTransform, FrozenClassifier
 from .functional import dataset_oriented_loss, feature_kl_loss
 
 __all__ = ["ClassifierFeatureLoss", "DatasetOrientedLoss", "CFDLoss", "CFDLossOutput", "FeatureLossOutput"]
+
+Transform = ClassifierTransform | Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -31,6 +39,26 @@ class FeatureLossOutput:
     teacher_features: Tensor
 
 
+def _as_frozen(
+    classifier: nn.Module | Callable[[Tensor], Any],
+    *,
+    transform: Transform | None,
+    feature_layer: str | None,
+) -> FrozenClassifier:
+    # A FrozenClassifier already owns its transform and feature layer: a second value would either
+    # be ignored or contradict it, so it is refused.
+    if isinstance(classifier, FrozenClassifier):
+        given = [n for n, v in (("transform", transform), ("feature_layer", feature_layer)) if v is not None]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} must be None when classifier is a FrozenClassifier (it has "
+                f"transform={classifier.transform!r}, feature_layer={classifier.feature_layer!r}); "
+                "pass them to FrozenClassifier instead"
+            )
+        return classifier
+    return FrozenClassifier(classifier, feature_layer=feature_layer, transform=transform)
+
+
 class ClassifierFeatureLoss(nn.Module):
     """``L_feat = KL(softmax(f_T / tau) || softmax(f_S))`` through a frozen classifier (docs/method.md §3).
 
@@ -39,22 +67,27 @@ class ClassifierFeatureLoss(nn.Module):
     ``f_T = f(x_tilde)`` of the PD target, computed without gradient.
 
     Args:
-        classifier: A module/callable returning ``(logits, features)``, or any ``nn.Module`` with
-            ``feature_layer`` (see :class:`FrozenClassifier`), or a ``FrozenClassifier``.
-        temperature: ``tau > 0``, applied to the teacher only (paper: 0.95 for ResNet-18, 0.9 for
-            DenseNet-201).
+        classifier: A :class:`FrozenClassifier`, or a module/callable to wrap in one: returning
+            ``(logits, features)``, or any ``nn.Module`` with ``feature_layer``. A module is frozen
+            and put in eval mode (see :class:`FrozenClassifier`).
+        temperature: ``tau``, a finite number > 0, applied to the teacher only (paper: 0.95 for
+            ResNet-18, 0.9 for DenseNet-201).
         reduction: "batchmean" (default; sum over D, mean over B), "mean", "sum" or "none".
-        feature_layer: Layer name for classifiers that return logits only.
-        transform: The classifier's input transform; defaults to a
-            :class:`ClassifierTransform` built from ``mean``, ``std`` and ``size``.
-        mean: Per-channel normalisation mean of the classifier (after mapping [-1, 1] to [0, 1]).
-        std: Per-channel normalisation std.
-        size: Classifier resolution for a bilinear resize, or None.
-        freeze: Freeze the classifier's parameters (default) instead of refusing trainable ones.
+        transform: The classifier's input transform (default ``ClassifierTransform()``:
+            [-1, 1] -> [0, 1]; the paper's raw [-1, 1] input is
+            ``ClassifierTransform(output_range=(-1, 1))``). Must be None with a
+            ``FrozenClassifier``, which has its own.
+        feature_layer: Layer whose output is ``f(x)``, for classifiers returning logits only.
+            Must be None with a ``FrozenClassifier``.
+
+    Raises:
+        ValueError: A bad hyper-parameter, or ``transform``/``feature_layer`` given with a
+            ``FrozenClassifier``; at call time, images of different shapes or an empty batch
+            (``B = 0`` has no mean).
 
     Example:
         >>> import torch
-        >>> from kdiff import ClassifierFeatureLoss
+        >>> from kdiff import ClassifierFeatureLoss, ClassifierTransform
         >>> class Clf(torch.nn.Module):
         ...     def __init__(self):
         ...         super().__init__()
@@ -62,7 +95,8 @@ class ClassifierFeatureLoss(nn.Module):
         ...     def forward(self, x):
         ...         f = self.body(x).relu().mean((2, 3))
         ...         return self.head(f), f
-        >>> loss_fn = ClassifierFeatureLoss(Clf(), temperature=0.95)
+        >>> tf = ClassifierTransform(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+        >>> loss_fn = ClassifierFeatureLoss(Clf(), temperature=0.95, transform=tf)
         >>> x_hat = torch.randn(4, 3, 32, 32, requires_grad=True)
         >>> loss = loss_fn(x_hat, torch.randn(4, 3, 32, 32))
         >>> loss.backward()
@@ -74,32 +108,21 @@ class ClassifierFeatureLoss(nn.Module):
         *,
         temperature: float = 0.95,
         reduction: str = "batchmean",
+        transform: Transform | None = None,
         feature_layer: str | None = None,
-        transform: ClassifierTransform | Callable[[Tensor], Tensor] | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        size: int | tuple[int, int] | None = None,
-        freeze: bool = True,
     ) -> None:
         super().__init__()
         check_positive("temperature", temperature)
         check_choice("reduction", reduction, ("batchmean", "mean", "sum", "none"))
-        if isinstance(classifier, FrozenClassifier):
-            if transform is not None or mean is not None or size is not None or feature_layer is not None:
-                raise ValueError("pass transform/mean/std/size/feature_layer to the FrozenClassifier, not twice")
-            self.classifier = classifier
-        else:
-            if transform is None:
-                transform = ClassifierTransform(mean=mean, std=std, size=size)
-            self.classifier = FrozenClassifier(
-                classifier, feature_layer=feature_layer, transform=transform, freeze=freeze
-            )
+        self.classifier = _as_frozen(classifier, transform=transform, feature_layer=feature_layer)
         self.temperature = float(temperature)
         self.reduction = reduction
 
     def forward_with_outputs(self, input: Tensor, target: Tensor) -> FeatureLossOutput:
         """The loss plus the student's logits and both feature sets (one classifier pass each)."""
         check_same_shape("input", input, "target", target)
+        if input.ndim == 0 or input.shape[0] < 1:
+            raise ValueError(f"input must have at least one row (B >= 1); got shape {tuple(input.shape)}")
         with torch.no_grad():
             _, f_t = self.classifier(target.detach())
         logits_s, f_s = self.classifier(input)
@@ -174,15 +197,19 @@ class CFDLoss(nn.Module):
     One classifier pass on each of the student's x-prediction and the PD target serves both terms.
 
     Args:
-        classifier: See :class:`ClassifierFeatureLoss`.
-        temperature: ``tau`` of the feature loss.
-        beta: Weight of ``L_data`` (paper: 0.003 with ResNet-18, 0 with DenseNet-201).
-        gamma: Entropy weight inside ``L_data``.
-        pixel_weight: Weight of a PD pixel loss passed to :meth:`forward` (paper: 0).
+        classifier: A :class:`FrozenClassifier` or a module/callable to wrap in one (see
+            :class:`ClassifierFeatureLoss`).
+        temperature: ``tau`` of the feature loss (finite, > 0).
+        beta: Weight of ``L_data``, finite and >= 0 (paper: 0.003 with ResNet-18, 0 with
+            DenseNet-201).
+        gamma: Entropy weight inside ``L_data``, in [0, 1].
+        pixel_weight: Weight of a PD pixel loss passed to :meth:`forward`, finite and >= 0
+            (paper: 0).
         sync_global: Global-batch ``pbar`` under torch.distributed.
         group: Process group for ``sync_global``.
-        **classifier_options: ``feature_layer``, ``transform``, ``mean``, ``std``, ``size``,
-            ``freeze`` for :class:`ClassifierFeatureLoss`.
+        transform: The classifier's input transform (default ``ClassifierTransform()``:
+            [-1, 1] -> [0, 1]); must be None with a ``FrozenClassifier``.
+        feature_layer: Layer whose output is ``f(x)``; must be None with a ``FrozenClassifier``.
 
     Example:
         >>> import torch
@@ -195,7 +222,8 @@ class CFDLoss(nn.Module):
         ...         f = self.body(x).relu().mean((2, 3))
         ...         return self.head(f), f
         >>> student = torch.nn.Conv2d(3, 3, 3, padding=1)
-        >>> pd = ProgressiveDistiller(lambda z, t: z, lambda z, t: student(z), CosineSchedule(), 4)
+        >>> pd = ProgressiveDistiller(lambda z, t: z, lambda z, t: student(z), CosineSchedule(), 4,
+        ...                           teacher_prediction="x", student_prediction="x")
         >>> cfd = CFDLoss(Clf(), temperature=0.95, beta=0.003, gamma=0.75)
         >>> out = pd(torch.randn(8, 3, 32, 32))
         >>> terms = cfd(out.x_pred, out.x_target)
@@ -212,15 +240,16 @@ class CFDLoss(nn.Module):
         pixel_weight: float = 0.0,
         sync_global: bool = False,
         group: Any = None,
-        **classifier_options: Any,
+        transform: Transform | None = None,
+        feature_layer: str | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(beta, (int, float)) or beta < 0:
-            raise ValueError(f"beta must be a number >= 0; got {beta!r}")
-        if not isinstance(pixel_weight, (int, float)) or pixel_weight < 0:
-            raise ValueError(f"pixel_weight must be a number >= 0; got {pixel_weight!r}")
+        check_finite_number("beta", beta, minimum=0.0)
+        check_finite_number("pixel_weight", pixel_weight, minimum=0.0)
         check_unit_interval("gamma", gamma)
-        self.feature_loss = ClassifierFeatureLoss(classifier, temperature=temperature, **classifier_options)
+        self.feature_loss = ClassifierFeatureLoss(
+            classifier, temperature=temperature, transform=transform, feature_layer=feature_layer
+        )
         self.data_loss = DatasetOrientedLoss(gamma=gamma, sync_global=sync_global, group=group)
         self.beta = float(beta)
         self.pixel_weight = float(pixel_weight)

@@ -192,9 +192,9 @@ def test_classifier_is_frozen_and_stays_in_eval():
     loss.train()
     assert not clf.training and loss.training
     with pytest.raises(ValueError, match="classifier must be frozen"):
-        ClassifierFeatureLoss(TupleClassifier(), freeze=False)
+        FrozenClassifier(TupleClassifier(), freeze=False)
     frozen = TupleClassifier().requires_grad_(False)
-    ClassifierFeatureLoss(frozen, freeze=False)
+    ClassifierFeatureLoss(FrozenClassifier(frozen, freeze=False))
 
 
 def test_teacher_side_has_no_graph_and_gradients_flow_to_student():
@@ -218,7 +218,7 @@ def test_input_transform():
     FrozenClassifier(clf, transform=tf)(torch.ones(2, 3, 8, 8))
     assert seen[0].shape == (2, 3, 16, 16)
     torch.testing.assert_close(seen[0], torch.full((2, 3, 16, 16), 2.0))  # 1 -> 1.0 in [0,1] -> (1 - .5)/.25
-    loss = ClassifierFeatureLoss(clf, mean=(0.5,) * 3, std=(0.5,) * 3)
+    loss = ClassifierFeatureLoss(clf, transform=ClassifierTransform(mean=(0.5,) * 3, std=(0.5,) * 3))
     loss(-torch.ones(1, 3, 4, 4), torch.zeros(1, 3, 4, 4))
     torch.testing.assert_close(seen[-1], -torch.ones(1, 3, 4, 4))  # -1 -> 0 -> (0 - .5)/.5
     with pytest.raises(ValueError, match="std must be > 0"):
@@ -251,16 +251,16 @@ def test_cfd_loss_combines_terms():
 def test_bad_inputs_named():
     clf = TupleClassifier()
     for bad in (0, -1.0, float("nan")):
-        with pytest.raises(ValueError, match="temperature must be a number > 0"):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
             ClassifierFeatureLoss(clf, temperature=bad)
-        with pytest.raises(ValueError, match="temperature must be a number > 0"):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
             feature_kl_loss(torch.zeros(1, 2), torch.zeros(1, 2), temperature=bad)
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\]"):
             DatasetOrientedLoss(gamma=bad)
         with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\]"):
             CFDLoss(clf, gamma=bad)
-    with pytest.raises(ValueError, match="beta must be a number >= 0"):
+    with pytest.raises(ValueError, match="beta must be a finite number >= 0"):
         CFDLoss(clf, beta=-1)
     with pytest.raises(ValueError, match="reduction must be one of"):
         ClassifierFeatureLoss(clf, reduction="avg")
@@ -287,3 +287,113 @@ def test_autocast_bf16_cfd():
     assert out.loss.dtype == torch.float32 and bool(torch.isfinite(out.loss))
     out.loss.backward()
     assert bool(torch.isfinite(x_hat.grad).all())
+
+
+# ------------------------------------------------------------- -inf logits: finite values and grads
+def _masked_logits(data, shape):
+    """Logits with -inf entries (every row keeps one finite logit; column 0 is -inf in every row
+    for about half of the draws) and the same logits with -inf replaced by -60, a finite stand-in
+    whose probabilities (< e^-50) change nothing at float64 tolerance."""
+    b, k = shape
+    logits = data.draw(tensors(shape, scale=2.0))
+    mask = torch.tensor(data.draw(st.lists(st.booleans(), min_size=b * k, max_size=b * k))).view(b, k)
+    if data.draw(st.booleans()):
+        mask[:, 0] = True
+    mask[:, -1] = False
+    return logits.masked_fill(mask, float("-inf")), logits.masked_fill(mask, -60.0)
+
+
+def _value_and_grad(fn, logits):
+    z = logits.clone().requires_grad_(True)
+    value = fn(z)
+    (grad,) = torch.autograd.grad(value, z)
+    return value.detach(), grad
+
+
+@given(shape=st.tuples(st.integers(1, 5), st.integers(2, 6)), data=st.data())
+def test_minus_inf_logits_give_finite_values_and_gradients_equal_to_the_reference(shape, data):
+    logits, finite = _masked_logits(data, shape)
+    references = {
+        "entropy": lambda z: -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1).mean(),
+        "diversity": lambda z: (torch.softmax(z, -1).mean(0) * torch.softmax(z, -1).mean(0).log()).sum(),
+    }
+    losses = {"entropy": entropy_loss, "diversity": diversity_loss}
+    for name, fn in losses.items():
+        value, grad = _value_and_grad(fn, logits)
+        assert bool(torch.isfinite(value)) and bool(torch.isfinite(grad).all()), (name, value, grad)
+        ref_value, ref_grad = _value_and_grad(references[name], finite)
+        torch.testing.assert_close(value, ref_value, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+    value, grad = _value_and_grad(lambda z: DatasetOrientedLoss(gamma=0.4)(z), logits)
+    assert bool(torch.isfinite(value)) and bool(torch.isfinite(grad).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_class_minus_inf_in_every_row_and_batch_of_one(dtype):
+    every_row = torch.tensor([[0.0, float("-inf"), 1.0], [2.0, float("-inf"), -1.0]], dtype=dtype)
+    single = torch.tensor([[0.5, float("-inf"), 1.0, 3.0]], dtype=dtype)
+    for logits in (every_row, single):
+        for fn in (diversity_loss, lambda z: DatasetOrientedLoss(gamma=0.75)(z)):
+            value, grad = _value_and_grad(fn, logits)
+            assert bool(torch.isfinite(value)) and bool(torch.isfinite(grad).all()), grad
+            assert bool((grad[:, 1] == 0).all())  # a class with probability 0 gets no gradient
+    # Dv of the finite columns alone: the -inf class contributes 0 * log 0 = 0.
+    expected = diversity_loss(every_row[:, [0, 2]])
+    torch.testing.assert_close(diversity_loss(every_row), expected)
+
+
+# ------------------------------------------------------------------------- hyper-parameter checks
+BAD_NUMBERS = [float("inf"), float("-inf"), float("nan"), True]
+
+
+@pytest.mark.parametrize("bad", BAD_NUMBERS, ids=["inf", "-inf", "nan", "bool"])
+def test_non_finite_and_bool_hyper_parameters_are_refused_by_name(bad):
+    clf = TupleClassifier()
+    z = torch.zeros(2, 3)
+    builders = {
+        "temperature": [
+            lambda v: ClassifierFeatureLoss(clf, temperature=v),
+            lambda v: CFDLoss(clf, temperature=v),
+            lambda v: feature_kl_loss(z, z, temperature=v),
+        ],
+        "beta": [lambda v: CFDLoss(clf, beta=v)],
+        "gamma": [
+            lambda v: CFDLoss(clf, gamma=v),
+            lambda v: DatasetOrientedLoss(gamma=v),
+            lambda v: dataset_oriented_loss(z, gamma=v),
+        ],
+        "pixel_weight": [lambda v: CFDLoss(clf, pixel_weight=v)],
+    }
+    for name, makers in builders.items():
+        for make in makers:
+            with pytest.raises(ValueError, match=rf"^{name} must be"):
+                make(bad)
+
+
+@given(tau=st.floats(allow_nan=True, allow_infinity=True) | st.integers(-3, 3) | st.booleans())
+def test_temperature_accepted_iff_finite_positive_number(tau):
+    f = torch.zeros(1, 3, dtype=torch.float64)
+    ok = not isinstance(tau, bool) and math.isfinite(tau) and tau > 0
+    if ok:
+        assert float(feature_kl_loss(f, f, temperature=tau)) == pytest.approx(0.0, abs=1e-12)
+    else:
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            feature_kl_loss(f, f, temperature=tau)
+
+
+# ------------------------------------------------------------------------------------ empty batch
+def test_empty_batch_is_refused_by_every_loss():
+    clf = TupleClassifier()
+    empty_logits, empty_images = torch.zeros(0, 5), torch.zeros(0, 3, 4, 4)
+    calls = [
+        lambda: feature_kl_loss(empty_logits, empty_logits),
+        lambda: entropy_loss(empty_logits),
+        lambda: diversity_loss(empty_logits),
+        lambda: dataset_oriented_loss(empty_logits),
+        lambda: DatasetOrientedLoss()(empty_logits),
+        lambda: ClassifierFeatureLoss(clf)(empty_images, empty_images),
+        lambda: CFDLoss(clf)(empty_images, empty_images),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"input must have at least one row \(B >= 1\)"):
+            call()

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdiff.checkpoint import CheckpointError, load_state_dict_strict, load_weights
 from kdiff.classifier import ClassifierTransform
+from kdiff.io import CheckpointError, load_state_dict_strict, load_weights
 from kdiff.models import build_classifier
 
 from .config import ClassifierConfig
-from .engine import StepHook, Trainer, load_image_data, setup_runtime, teardown_runtime
+from .engine import StepHook, Trainer, load_image_data, setup_runtime
 
 __all__ = ["train_classifier", "load_classifier", "evaluate_classifier"]
 
@@ -65,11 +65,6 @@ def _augment(trainer: Trainer, x: Tensor, g: torch.Generator, config: Classifier
     return x
 
 
-def classifier_transform(mean: Any, std: Any) -> ClassifierTransform:
-    """The input transform of a classifier trained here: [-1, 1] -> [0, 1] -> (x - mean) / std."""
-    return ClassifierTransform(mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
-
-
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, transform: ClassifierTransform, data: Any, *,
                         limit: int, batch_size: int = 500) -> float:
@@ -99,62 +94,59 @@ def train_classifier(config: ClassifierConfig, *, hooks: list[StepHook] | None =
         hooks: Called as ``hook(step)`` after every update.
 
     Returns:
-        Path of the weights; the sidecar records the architecture, the input transform
+        Path of the weights; its metadata records the architecture, the input transform
         (``mean``/``std``) and the test accuracy.
     """
     if not isinstance(config, ClassifierConfig):
         raise TypeError(f"config must be a ClassifierConfig; got {type(config).__name__}")
     rt = setup_runtime(config.device)
-    try:
-        data = load_image_data(config, rt.device)
-        torch.manual_seed(config.seed)
-        model, model_meta = _build(config)
-        if rt.distributed and config.sync_bn and rt.device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif rt.distributed and rt.is_main:
-            warnings.warn("BatchNorm statistics are computed per process (SyncBatchNorm needs CUDA"
-                          + ("" if config.sync_bn else " and sync_bn=True") + "): with K processes each "
-                          "normalises over batch_size / K images", stacklevel=2)
-        model = model.to(rt.device)
-        torch.manual_seed(config.seed + 1 + rt.rank)
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                    weight_decay=config.weight_decay)
-        transform = classifier_transform(config.mean, config.std)
-        metadata = {
-            "kind": "classifier",
-            "model": model_meta,
-            "transform": {"mean": list(config.mean), "std": list(config.std)},
-            "num_classes": config.num_classes,
-        }
-        out_dir = Path(config.out_dir)
-        trainer = Trainer(config, rt, name="classifier", model=model, optimizer=optimizer, data=data,
-                          total_steps=config.steps, out_dir=out_dir, metadata=metadata,
-                          ema_decay=config.ema_decay, hooks=hooks)
+    data = load_image_data(config, rt.device)
+    torch.manual_seed(config.seed)
+    model, model_meta = _build(config)
+    if rt.distributed and config.sync_bn and rt.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif rt.distributed and rt.is_main:
+        warnings.warn("BatchNorm statistics are computed per process (SyncBatchNorm needs CUDA"
+                      + ("" if config.sync_bn else " and sync_bn=True") + "): with K processes each "
+                      "normalises over batch_size / K images", stacklevel=2)
+    model = model.to(rt.device)
+    torch.manual_seed(config.seed + 1 + rt.rank)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    transform = ClassifierTransform(mean=config.mean, std=config.std)
+    metadata = {
+        "kind": "classifier",
+        "model": model_meta,
+        "transform": {"mean": list(config.mean), "std": list(config.std)},
+        "num_classes": config.num_classes,
+    }
+    out_dir = Path(config.out_dir)
+    trainer = Trainer(config, rt, name="classifier", model=model, optimizer=optimizer, data=data,
+                      total_steps=config.steps, out_dir=out_dir, metadata=metadata,
+                      ema_decay=config.ema_decay, hooks=hooks)
 
-        def compute_loss(step: int) -> tuple[Tensor, dict[str, Tensor]]:
-            batch = trainer.batch(step)
-            x = _augment(trainer, batch.x, batch.generator, config)
-            with trainer.autocast():
-                logits, _ = trainer.net(transform(x))
-            loss = F.cross_entropy(logits.float(), batch.y)
-            acc = (logits.detach().argmax(1) == batch.y).float().mean()
-            return loss, {"accuracy": acc}
+    def compute_loss(step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        batch = trainer.batch(step)
+        x = _augment(trainer, batch.x, batch.generator, config)
+        with trainer.autocast():
+            logits, _ = trainer.net(transform(x))
+        loss = F.cross_entropy(logits.float(), batch.y)
+        acc = (logits.detach().argmax(1) == batch.y).float().mean()
+        return loss, {"accuracy": acc}
 
-        trainer.fit(compute_loss)
-        extra: dict[str, Any] = {}
-        if config.eval_samples and rt.is_main:
-            test = load_image_data(config, rt.device, train=False)
-            module = trainer.eval_model
-            extra["test_accuracy"] = evaluate_classifier(module, transform, test, limit=config.eval_samples)
-            extra["test_samples"] = min(config.eval_samples, len(test))
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                import json
+    trainer.fit(compute_loss)
+    extra: dict[str, Any] = {}
+    if config.eval_samples and rt.is_main:
+        test = load_image_data(config, rt.device, train=False)
+        module = trainer.eval_model
+        extra["test_accuracy"] = evaluate_classifier(module, transform, test, limit=config.eval_samples)
+        extra["test_samples"] = min(config.eval_samples, len(test))
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            import json
 
-                f.write(json.dumps({"step": trainer.step, "event": "eval", **extra}) + "\n")
-        final = trainer.save_final(out_dir / "classifier.safetensors", extra)
-        return final
-    finally:
-        teardown_runtime(rt)
+            f.write(json.dumps({"step": trainer.step, "event": "eval", **extra}) + "\n")
+    final = trainer.save_final(out_dir / "classifier.safetensors", extra)
+    return final
 
 
 def load_classifier(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[nn.Module, ClassifierTransform, dict[str, Any]]:
@@ -170,9 +162,9 @@ def load_classifier(path: str | Path, *, device: torch.device | str = "cpu") -> 
     sd, meta = load_weights(path, expected={"kind": "classifier"}, map_location=device)
     try:
         arch, kwargs = meta["model"]["arch"], dict(meta["model"]["kwargs"])
-        transform = classifier_transform(meta["transform"]["mean"], meta["transform"]["std"])
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"Classifier checkpoint {path} lacks model/transform metadata ({e})") from None
+        transform = ClassifierTransform(mean=meta["transform"]["mean"], std=meta["transform"]["std"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"Classifier checkpoint {path} has no valid model/transform metadata ({e})") from None
     model = build_classifier(arch, **kwargs)
     sd = {k.replace("module.", "", 1) if k.startswith("module.") else k: v for k, v in sd.items()}
     load_state_dict_strict(model, sd, path)
