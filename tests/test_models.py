@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kdiff.models import ResNet18, SmallCNN, UNet, UNetConfig, build_classifier
-from kdiff.models.unet import num_groups_for, timestep_embedding
+from kdiff.models.unet import AttnBlock, num_groups_for, timestep_embedding
+
+ASSETS = Path(__file__).resolve().parents[1] / "benchmarks" / "assets" / "tiny"
 
 DDPM_CIFAR10_PARAMS = 35.7e6
 
@@ -232,6 +236,56 @@ def test_torch_compile_tiny(tiny: UNet) -> None:
     t = torch.rand(2)
     compiled = torch.compile(tiny)
     torch.testing.assert_close(compiled(z, t), tiny(z, t), rtol=1e-3, atol=1e-3)
+
+
+def _reshape_attention(block: AttnBlock, x: torch.Tensor) -> torch.Tensor:
+    """AttnBlock's forward written with reshape/transpose (the formulation before einops)."""
+    b, c, h, w = x.shape
+    qkv = block.qkv(block.norm(x))
+    qkv = qkv.reshape(b, 3, block.num_heads, c // block.num_heads, h * w).transpose(-1, -2)
+    q, k, v = qkv.unbind(1)
+    out = F.scaled_dot_product_attention(q, k, v)
+    out = out.transpose(-1, -2).reshape(b, c, h, w)
+    return x.to(out.dtype) + block.proj_out(out)
+
+
+@pytest.mark.parametrize("num_heads", [1, 2, 4])
+def test_attention_block_matches_reshape_formulation(num_heads: int) -> None:
+    # Non-square maps and several heads: a swapped (h w) or (heads d) order would show.
+    block = _randomize(AttnBlock(16, num_heads), seed=num_heads)
+    x = torch.randn(3, 16, 4, 6, generator=torch.Generator().manual_seed(1))
+    out = block(x)
+    assert torch.equal(out, _reshape_attention(block, x))
+    assert not torch.equal(out, x)  # the attention branch contributes (proj_out is not zero)
+
+
+def _unet_outputs(model: UNet, *, reference: bool, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, model.in_channels, model.config.image_size, model.config.image_size, generator=g)
+    t = torch.tensor([3.0, 40.0])
+    with monkeypatch.context() as m:
+        if reference:
+            m.setattr(AttnBlock, "forward", _reshape_attention)
+        with torch.no_grad():
+            return model(z, t)
+
+
+def test_unet_forward_matches_reshape_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _randomize(UNet(UNetConfig.tiny(num_heads=2, attn_resolutions=(16, 8))), seed=3).eval()
+    assert sum(isinstance(m, AttnBlock) for m in model.modules()) >= 3
+    new = _unet_outputs(model, reference=False, monkeypatch=monkeypatch)
+    assert torch.equal(new, _unet_outputs(model, reference=True, monkeypatch=monkeypatch))
+
+
+def test_bundled_teacher_gives_the_same_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("safetensors", reason="safetensors (kdiff[train]) reads the bundled checkpoint")
+    from kdiff.recipes import load_unet
+
+    model, _ = load_unet(ASSETS / "teacher.safetensors")
+    model.eval()
+    assert any(isinstance(m, AttnBlock) for m in model.modules())
+    new = _unet_outputs(model, reference=False, monkeypatch=monkeypatch)
+    assert torch.equal(new, _unet_outputs(model, reference=True, monkeypatch=monkeypatch))
 
 
 # --------------------------------------------------------------------------- classifiers

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 __all__ = ["UNet", "UNetConfig", "num_groups_for", "timestep_embedding"]
@@ -224,13 +225,15 @@ class AttnBlock(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
+        h, w = x.shape[-2:]
         qkv = self.qkv(self.norm(x))
-        # [B, 3, heads, C/heads, HW] -> three [B, heads, HW, C/heads]
-        qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, h * w).transpose(-1, -2)
-        q, k, v = qkv.unbind(1)
+        # The qkv channels are laid out (q|k|v, head, channel-in-head); the positions become
+        # the sequence. The result is a view, so SDPA sees the same strides as a plain reshape.
+        q, k, v = rearrange(
+            qkv, "b (three heads d) h w -> b three heads (h w) d", three=3, heads=self.num_heads
+        ).unbind(1)
         out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        out = rearrange(out, "b heads (h w) d -> b (heads d) h w", h=h, w=w)
         out = self.proj_out(out)
         return x.to(out.dtype) + out
 

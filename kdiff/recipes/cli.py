@@ -18,11 +18,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
+import tempfile
 import types
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from kdiff.models.unet import UNetConfig
@@ -186,8 +189,58 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return preset(**values)
 
 
+class _SetupError(Exception):
+    """A problem found before any work starts; its message is one line for the user."""
+
+
+def _check_out_dir(out_dir: str) -> None:
+    """Create ``out_dir`` and a temporary file in it, so an unusable folder fails in seconds,
+    not after the data is loaded and the model built."""
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".kdiff-write-probe-"):
+            pass
+    except OSError as e:
+        raise _SetupError(f"--out-dir {out_dir}: {e.strerror or e}") from None
+
+
+def _data_not_found(e: Exception) -> str:
+    # The loader's message lists every folder tried over several lines; its first line names
+    # the split and the root, which is what a one-line error needs.
+    first = (str(e).strip().splitlines() or ["CIFAR-10 not found"])[0].removesuffix(" Looked in:").rstrip(".")
+    return f"{first}; pass --data-dir DIR (the folder holding cifar-10-batches-py) or set KDIFF_DATA_DIR"
+
+
+def _check_data(config: TrainConfig) -> None:
+    """The CIFAR-10 splits the loop will read must exist (only the files are looked for)."""
+    if config.dataset != "cifar10":
+        return
+    from kdiff.data import DatasetNotFoundError, find_cifar10
+
+    splits = [True]
+    if isinstance(config, ClassifierConfig) and config.eval_samples:
+        splits.append(False)  # the final accuracy reads the test split
+    try:
+        for train in splits:
+            find_cifar10(config.data_dir, train=train)
+    except DatasetNotFoundError as e:
+        raise _SetupError(_data_not_found(e)) from None
+
+
+def _error(message: str) -> int:
+    print(f"kdiff-train: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``kdiff-train`` and ``python -m kdiff.recipes.cli``."""
+    """Entry point of ``kdiff-train`` and ``python -m kdiff.recipes.cli``.
+
+    Returns 0 on success. Problems found before training (an invalid configuration, an
+    ``--out-dir`` that cannot be created or written, missing CIFAR-10 files) and checkpoint or
+    data errors during the run end with one ``kdiff-train: error: ...`` line on stderr and exit
+    status 2.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -197,16 +250,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
+    try:
+        _check_data(config)  # first: it creates nothing, so a refused run leaves no folder behind
+        _check_out_dir(config.out_dir)
+    except _SetupError as e:
+        return _error(str(e))
+    from kdiff.data import DatasetNotFoundError
+
     from . import train_classifier, train_distill, train_teacher
 
     run = {"teacher": train_teacher, "classifier": train_classifier, "distill": train_distill}[args.command]
     try:
         path = run(config)  # type: ignore[operator]
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError, DatasetNotFoundError, bad settings
-        print(f"kdiff-train {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    import os
-
+    except DatasetNotFoundError as e:
+        return _error(_data_not_found(e))
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError, DatasetCorruptError, bad settings
+        return _error(f"{args.command}: {e}")
     if os.environ.get("RANK", "0") == "0":
         print(f"kdiff-train {args.command}: wrote {path}")
     return 0

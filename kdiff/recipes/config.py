@@ -28,7 +28,9 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
+from kdiff.functional import WEIGHTINGS
 from kdiff.models.unet import UNetConfig
+from kdiff.parameterization import normalize_prediction_type
 from kdiff.schedules import schedule_from_dict
 
 __all__ = [
@@ -66,8 +68,6 @@ OPERATIONAL_FIELDS: frozenset[str] = frozenset(
 
 _LR_SCHEDULES = ("constant", "cosine", "step")
 _DATASETS = ("cifar10", "synthetic")
-_PREDICTIONS = ("x", "eps", "v")
-_WEIGHTINGS = ("truncated_snr", "snr_plus_one", "x_mse", "eps_mse")
 
 C = TypeVar("C", bound="TrainConfig")
 
@@ -82,6 +82,12 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 
 def _fail(name: str, message: str, value: Any) -> ValueError:
     return ValueError(f"{name} {message}; got {name}={value!r}")
+
+
+def _check_weighting(value: Any) -> None:
+    # The core's list, so a weighting added to kdiff.functional is accepted here at once.
+    if value not in WEIGHTINGS:
+        raise _fail("weighting", f"must be one of {', '.join(map(repr, WEIGHTINGS))}", value)
 
 
 def _is_int(value: Any) -> bool:
@@ -226,8 +232,8 @@ class TeacherConfig(TrainConfig):
         {"kind": "discrete_cosine", "num_timesteps": 1024},
         "Noise schedule as a dict for kdiff.schedule_from_dict (JSON on the command line).",
     )
-    prediction_type: str = _opt("x", "Network output: 'x', 'eps' or 'v'.")
-    weighting: str = _opt("truncated_snr", "Loss weighting: truncated_snr, snr_plus_one, x_mse or eps_mse.")
+    prediction_type: str = _opt("x", "Network output: 'x', 'eps' or 'v' (diffusers' names are accepted too).")
+    weighting: str = _opt("truncated_snr", f"Loss weighting: {', '.join(WEIGHTINGS)}.")
     sample_steps: int = _opt(256, "DDIM steps for the sample grids.")
 
     kind: ClassVar[str] = "teacher"
@@ -242,10 +248,10 @@ class TeacherConfig(TrainConfig):
             raise _fail("unet.num_classes", "must be None: the reference loops train unconditional models",
                         self.unet.num_classes)
         self.schedule = _normalize_schedule(self.schedule)
-        if self.prediction_type not in _PREDICTIONS:
-            raise _fail("prediction_type", f"must be one of {_PREDICTIONS}", self.prediction_type)
-        if self.weighting not in _WEIGHTINGS:
-            raise _fail("weighting", f"must be one of {_WEIGHTINGS}", self.weighting)
+        # Diffusers' names ("epsilon", ...) are stored as the core's ("eps", ...), so checkpoint
+        # metadata and the loss always see one spelling.
+        self.prediction_type = normalize_prediction_type(self.prediction_type, name="prediction_type")
+        _check_weighting(self.weighting)
         if not _is_int(self.sample_steps) or self.sample_steps < 1:
             raise _fail("sample_steps", "must be a positive int", self.sample_steps)
         try:
@@ -411,7 +417,7 @@ class DistillConfig(TrainConfig):
         {"kind": "discrete_cosine", "num_timesteps": 1024},
         "Noise schedule (JSON); the teacher checkpoint must have been trained on the same one.",
     )
-    weighting: str = _opt("truncated_snr", "PD loss weighting: truncated_snr, snr_plus_one, x_mse or eps_mse.")
+    weighting: str = _opt("truncated_snr", f"PD loss weighting: {', '.join(WEIGHTINGS)}.")
     dropout: float = _opt(0.0, "Dropout of the student during the rounds (paper: 0).")
     last_rounds_multiplier: int = _opt(2, "Step multiplier for the rounds with a 2- or 1-step student.")
     classifier: str | None = _opt(None, "Classifier weights (.safetensors from the classifier loop); needed for CFD.")
@@ -446,8 +452,7 @@ class DistillConfig(TrainConfig):
             sched.check_num_steps(self.teacher_steps, name="teacher_steps")
         except ValueError as e:
             raise ValueError(f"teacher_steps: {e}") from None
-        if self.weighting not in _WEIGHTINGS:
-            raise _fail("weighting", f"must be one of {_WEIGHTINGS}", self.weighting)
+        _check_weighting(self.weighting)
         if not _is_num(self.dropout) or not 0 <= self.dropout < 1:
             raise _fail("dropout", "must be in [0, 1)", self.dropout)
         if not _is_int(self.last_rounds_multiplier) or self.last_rounds_multiplier < 1:
