@@ -25,14 +25,13 @@ from torch import Tensor
 from ._validation import (
     check_batch,
     check_bool,
-    check_choice,
     check_finite,
     check_model_output,
     check_same_shape,
     check_tensor,
     value_checks_enabled,
 )
-from .functional import WEIGHTINGS, add_noise, ddim_step_coeffs, pd_loss, pd_target
+from .functional import add_noise, ddim_step_coeffs, pd_loss, pd_target, resolve_weighting
 from .parameterization import normalize_prediction_type, to_x_eps
 from .schedules import NoiseSchedule
 
@@ -51,8 +50,8 @@ class DistillationTarget:
     Attributes:
         z_t: Noisy input ``alpha_t x + sigma_t eps``, [B, ...].
         t: Student times per sample, [B].
-        t_mid: Teacher's intermediate time ``t' = t - stride/2``, [B].
-        t_next: ``t'' = t - stride``, where the student's single step lands, [B].
+        t_mid: Teacher's intermediate time ``t' = grid(2N)[2k-1]``, [B].
+        t_next: ``t'' = grid(N)[k-1]``, where the student's single step lands, [B].
         z_mid: Teacher's first half-step result ``z_t'``.
         z_next: Teacher's two-step result ``z_t''``.
         x_target: ``x_tilde``, the x-prediction whose one DDIM step ``t -> t''`` lands on ``z_t''``.
@@ -83,8 +82,8 @@ class DistillationOutput:
         loss: Batch-mean student loss under the chosen weighting (scalar, differentiable).
         loss_per_sample: The same per example, [B].
         t: Student times per sample, [B]; ``t_mid`` (``t'``) and ``t_next`` (``t''``) follow.
-        t_mid: Teacher's intermediate time ``t' = t - stride/2``.
-        t_next: ``t'' = t - stride``, where the student's single step lands.
+        t_mid: Teacher's intermediate time ``t' = grid(2N)[2k-1]``.
+        t_next: ``t'' = grid(N)[k-1]``, where the student's single step lands.
         z_t: Noisy input ``alpha_t x + sigma_t eps``.
         z_mid: Teacher's first half-step result ``z_t'``.
         z_next: Teacher's two-step result ``z_t''``.
@@ -119,9 +118,11 @@ def _model_time(t: Tensor, dtype: torch.dtype) -> Tensor:
 class ProgressiveDistiller:
     """Distil a teacher DDIM sampler with ``2N`` steps into a student with ``N`` steps.
 
-    For a data batch ``x``: draw a student step ``k ~ U{1..N}`` per sample, ``t = t_k`` on the
-    schedule's ``N``-step grid, ``t' = t - stride/2``, ``t'' = t - stride``; ``z_t = alpha_t x +
-    sigma_t eps``; the teacher takes DDIM steps ``t -> t' -> t''`` without gradient; the target is
+    Times come from the schedule's nested grids (:meth:`~kdiff.NoiseSchedule.grid`): for a data
+    batch ``x``, draw a student step ``k ~ U{1..N}`` per sample and set ``t = grid(N)[k]``,
+    ``t' = grid(2N)[2k-1]``, ``t'' = grid(N)[k-1]`` (on a uniform grid ``t' = t - t_max/(2N)``
+    and ``t'' = t - t_max/N``); ``z_t = alpha_t x + sigma_t eps``; the teacher takes DDIM steps
+    ``t -> t' -> t''`` without gradient; the target is
 
         ``x_tilde = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t)``
 
@@ -133,25 +134,40 @@ class ProgressiveDistiller:
             must have the shape of ``z_t`` (wrap a learned-variance network to return its first
             C channels).
         student: ``student(z_t, t, **model_kwargs)``, trained; output shaped like ``z_t``.
-        schedule: The noise schedule (continuous or discrete).
-        num_student_steps: ``N``, a positive int; ``2N`` must divide ``T`` for a discrete schedule.
-        teacher_prediction: Teacher output type: "x", "eps" or "v".
-        student_prediction: Student output type: "x", "eps" or "v".
-        weighting: "truncated_snr" (paper default), "snr_plus_one", "x_mse" or "eps_mse".
+        schedule: The noise schedule (continuous or discrete); its grids must be nested
+            (``grid(2N)[2k] == grid(N)[k]``).
+        num_student_steps: ``N``, a positive int; ``schedule.check_num_steps`` must accept both
+            ``N`` and ``2N`` (a uniform discrete grid needs ``2N | T``, a trailing one ``2N <= T``).
+        teacher_prediction: What the teacher outputs: "x", "eps" or "v" (or diffusers' names).
+            Required: a wrong type runs silently with the wrong conversion.
+        student_prediction: What the student outputs: "x", "eps" or "v"; required.
+        weighting: ``"auto"`` (default) or a weighting of :func:`kdiff.functional.pd_loss`:
+            "truncated_snr" (the paper's), "snr_plus_one", "x_mse" or "eps_mse". ``"auto"`` is
+            "truncated_snr" for x- and v-students and "eps_mse" for eps-students, whose eps error
+            "truncated_snr" would weigh by ``1/SNR`` at high noise (an explicit "truncated_snr",
+            "snr_plus_one" or "x_mse" with an eps-student warns); see
+            :func:`kdiff.functional.resolve_weighting`. The resolved name is :attr:`weighting`.
         clip_teacher_x: Clip the teacher's ``x_hat`` to [-1, 1] in its half-steps (off in PD);
             the same clipping as ``ddim_step(..., clip_x=True)``.
+
+    Raises:
+        ValueError: On a step count the schedule refuses, grids that are not nested, or a bad
+            prediction type or weighting.
 
     Example:
         >>> import torch
         >>> from kdiff import CosineSchedule, ProgressiveDistiller
         >>> teacher = lambda z, t: 0.5 * z        # any callable works
         >>> student = torch.nn.Conv2d(3, 3, 1)
-        >>> pd = ProgressiveDistiller(teacher, lambda z, t: student(z), CosineSchedule(), 4)
+        >>> pd = ProgressiveDistiller(teacher, lambda z, t: student(z), CosineSchedule(), 4,
+        ...                           teacher_prediction="x", student_prediction="v")
         >>> out = pd(torch.randn(8, 3, 8, 8), generator=torch.Generator().manual_seed(0))
         >>> out.loss.backward()
+        >>> pd.weighting
+        'truncated_snr'
         >>> half = pd.next_round()               # 4 -> 2 steps, the student becomes the teacher
-        >>> half.num_student_steps
-        2
+        >>> half.num_student_steps, half.teacher_prediction
+        (2, 'v')
     """
 
     def __init__(
@@ -161,9 +177,9 @@ class ProgressiveDistiller:
         schedule: NoiseSchedule,
         num_student_steps: int,
         *,
-        teacher_prediction: str = "x",
-        student_prediction: str = "x",
-        weighting: str = "truncated_snr",
+        teacher_prediction: str,
+        student_prediction: str,
+        weighting: str = "auto",
         clip_teacher_x: bool = False,
     ) -> None:
         if not callable(teacher):
@@ -175,7 +191,6 @@ class ProgressiveDistiller:
         schedule.check_num_steps(num_student_steps, name="num_student_steps")
         # The teacher samples with 2N steps on the same schedule.
         schedule.check_num_steps(2 * num_student_steps, name="2 * num_student_steps (teacher steps)")
-        check_choice("weighting", weighting, WEIGHTINGS)
         check_bool("clip_teacher_x", clip_teacher_x)
         self.teacher = teacher
         self.student = student
@@ -183,20 +198,82 @@ class ProgressiveDistiller:
         self.num_student_steps = num_student_steps
         self.teacher_prediction = normalize_prediction_type(teacher_prediction, name="teacher_prediction")
         self.student_prediction = normalize_prediction_type(student_prediction, name="student_prediction")
-        self.weighting = weighting
+        #: The :func:`~kdiff.functional.pd_loss` weighting in use (``"auto"`` resolved).
+        self.weighting = resolve_weighting(weighting, self.student_prediction, stacklevel=3)
+        self._requested_weighting = weighting
         self.clip_teacher_x = clip_teacher_x
+        self._grid = schedule.grid(num_student_steps).to(torch.float64).cpu()
+        self._teacher_grid = schedule.grid(2 * num_student_steps).to(torch.float64).cpu()
+        self._check_grids()
+        # Times within this distance of a grid point are on it (float32 rounding of t, not a step).
+        self._grid_tol = 1e-3 * float(self._grid.diff().min())
+        self._grids_on: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def _check_grids(self) -> None:
+        n, grid, teacher = self.num_student_steps, self._grid, self._teacher_grid
+        if grid.shape != (n + 1,) or teacher.shape != (2 * n + 1,):
+            raise ValueError(
+                f"schedule.grid must return N + 1 times; got {tuple(grid.shape)} for N={n} and "
+                f"{tuple(teacher.shape)} for 2N={2 * n}"
+            )
+        if not bool((teacher.diff() > 0).all()):
+            raise ValueError(f"schedule.grid({2 * n}) must be strictly increasing for a {2 * n}-step teacher")
+        scale = max(abs(float(self.schedule.t_max)), 1.0)
+        if not torch.allclose(teacher[::2], grid, rtol=0, atol=1e-9 * scale):
+            raise ValueError(
+                f"progressive distillation needs nested grids: schedule.grid({2 * n})[::2] must equal "
+                f"schedule.grid({n}) (the student's step t -> t'' spans two teacher steps)"
+            )
 
     @property
-    def stride(self) -> float:
-        """Student step size in schedule time (``1/N`` or ``T/N``)."""
-        return self.schedule.t_max / self.num_student_steps
+    def student_grid(self) -> Tensor:
+        """``schedule.grid(N)``: the student's times ``t_0 < ... < t_N`` (float64, a copy)."""
+        return self._grid.clone()
+
+    @property
+    def teacher_grid(self) -> Tensor:
+        """``schedule.grid(2N)``: the teacher's times (float64, a copy); ``[2k-1]`` is ``t'``."""
+        return self._teacher_grid.clone()
+
+    def _grids(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # Both grids once per device and dtype, built there (no copy from the host, which would
+        # sync): a step only indexes them.
+        key = (device, dtype)
+        if key not in self._grids_on:
+            n = self.num_student_steps
+            self._grids_on[key] = (
+                self.schedule.grid(n, device=device).to(dtype),
+                self.schedule.grid(2 * n, device=device).to(dtype),
+            )
+        return self._grids_on[key]
+
+    def student_times(self, k: Tensor) -> Tensor:
+        """Student times ``t = grid(N)[k]`` for integer steps ``k`` in ``1..N``, float32, on ``k``'s device.
+
+        Example:
+            >>> import torch
+            >>> from kdiff import DiscreteSchedule, ProgressiveDistiller
+            >>> f = lambda z, t: z
+            >>> pd = ProgressiveDistiller(f, f, DiscreteSchedule.linear(1000), 3,
+            ...                           teacher_prediction="eps", student_prediction="eps")
+            >>> pd.student_times(torch.tensor([1, 2, 3])).tolist()
+            [333.0, 667.0, 1000.0]
+        """
+        check_tensor("k", k)
+        if k.is_floating_point() or k.is_complex() or k.dtype == torch.bool:
+            raise TypeError(f"k must be an integer tensor of student steps; got {k.dtype}")
+        if value_checks_enabled(k) and k.numel() > 0:
+            lo, hi = int(k.min()), int(k.max())
+            if lo < 1 or hi > self.num_student_steps:
+                raise ValueError(f"k must lie in 1..{self.num_student_steps}; got values in [{lo}, {hi}]")
+        return self._grids(k.device, torch.float32)[0][k.long()]
 
     def sample_times(
         self, batch_size: int, *, device: torch.device | str | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Draw student times ``t = k * stride`` with ``k ~ U{1..N}``, float32 [B]."""
+        """Draw student times ``t = grid(N)[k]`` with ``k ~ U{1..N}``, float32 [B]."""
         k = torch.randint(1, self.num_student_steps + 1, (batch_size,), generator=generator, device=device)
-        return k.to(torch.float32) * self.stride
+        return self._grids(k.device, torch.float32)[0][k]
 
     def sample_noise(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``eps ~ N(0, I)`` shaped like ``x``, with its dtype and device."""
@@ -218,7 +295,8 @@ class ProgressiveDistiller:
 
         Args:
             x: Clean data, [B, ...] (e.g. images in [-1, 1]).
-            t: Student times per sample, [B], on the student's grid (:meth:`sample_times`).
+            t: Student times per sample, [B], on the student's grid ``schedule.grid(N)[1:]``
+                (:meth:`sample_times`, :meth:`student_times`).
             noise: ``eps`` shaped like ``x`` (:meth:`sample_noise`).
             model_kwargs: Passed to the teacher (e.g. ``{"y": labels}``).
 
@@ -229,7 +307,8 @@ class ProgressiveDistiller:
             >>> import torch
             >>> from kdiff import DiscreteSchedule, ProgressiveDistiller
             >>> student = torch.nn.Conv2d(3, 3, 1)
-            >>> pd = ProgressiveDistiller(lambda z, t: 0.5 * z, lambda z, t: student(z), DiscreteSchedule.cosine(64), 4)
+            >>> pd = ProgressiveDistiller(lambda z, t: 0.5 * z, lambda z, t: student(z), DiscreteSchedule.cosine(64), 4,
+            ...                           teacher_prediction="x", student_prediction="x")
             >>> x, g = torch.rand(8, 3, 8, 8) * 2 - 1, torch.Generator().manual_seed(0)
             >>> tgt = pd.target(x, pd.sample_times(8, generator=g), pd.sample_noise(x, generator=g))
             >>> loss = (student(tgt.z_t) - tgt.x_target).abs().mean()   # any student loss
@@ -306,10 +385,24 @@ class ProgressiveDistiller:
         )
 
     # ------------------------------------------------------------------ internals
+    def _step_index(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(k, |t - grid(N)[k]|)`` for the nearest student grid point, in ``t``'s float dtype."""
+        dtype = t.dtype if t.is_floating_point() else torch.float32
+        grid = self._grids(t.device, dtype)[0]
+        dist, k = (t.to(dtype).unsqueeze(-1) - grid).abs().min(-1)
+        return k, dist
+
+    def _mid_next(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        # A gather on the cached grids: no host sync. k >= 1 is checked (when value checks are
+        # on); the clamp keeps t = t_0 from wrapping around to t_max when they are off.
+        k = self._step_index(t)[0].clamp_min(1)
+        dtype = t.dtype if t.is_floating_point() else torch.float32
+        grid, teacher = self._grids(t.device, dtype)
+        return teacher[2 * k - 1], grid[k - 1]
+
     def _target(self, x: Tensor, t: Tensor, noise: Tensor, kwargs: Mapping[str, Any]) -> DistillationTarget:
         dtype = x.dtype
-        t_mid = t - 0.5 * self.stride
-        t_next = t - self.stride
+        t_mid, t_next = self._mid_next(t)
         a_t, s_t = self.schedule.alpha_sigma(t, dtype=dtype)
         a_m, s_m = self.schedule.alpha_sigma(t_mid, dtype=dtype, name="t_mid")
         a_n, s_n = self.schedule.alpha_sigma(t_next, dtype=dtype, name="t_next")
@@ -372,19 +465,30 @@ class ProgressiveDistiller:
     def _check_on_grid(self, t: Tensor) -> None:
         self.schedule.check_times(t)
         if value_checks_enabled(t) and t.numel() > 0:
-            k = t.double() / self.stride
-            if not bool(((k - k.round()).abs() < 1e-6).all()) or float(k.min()) < 1 - 1e-6:
+            k, dist = self._step_index(t.double())
+            if not bool((dist <= self._grid_tol).all()) or int(k.min()) < 1:
+                n = self.num_student_steps
+                points = self._grid[1:].tolist()
+                shown = ", ".join(f"{p:g}" for p in points) if n <= 8 else (
+                    ", ".join(f"{p:g}" for p in points[:3]) + f", ..., {points[-1]:g}"
+                )
                 raise ValueError(
-                    f"t must lie on the student's grid k * {self.stride:g} with k in 1..{self.num_student_steps}"
+                    f"t must lie on the student's grid schedule.grid({n})[k] with k in 1..{n}: "
+                    f"[{shown}] (pd.student_times(k) maps steps to times)"
                 )
 
-    def next_round(self, student: Model | None = None) -> ProgressiveDistiller:
+    def next_round(
+        self, student: Model | None = None, *, student_prediction: str | None = None
+    ) -> ProgressiveDistiller:
         """The next PD round: ``N -> N/2``, this student becomes the teacher.
 
         Args:
             student: The new student; defaults to a deep copy of the current student (its
                 weights are the usual initialisation of the next round). The current student,
                 now the teacher, is put in eval mode with gradients off when it is a module.
+            student_prediction: The new student's output type (default: the current student's,
+                which is also the new teacher's). The weighting asked for here (e.g. ``"auto"``) is
+                resolved again for it.
 
         Raises:
             ValueError: If ``N`` is odd (it cannot halve).
@@ -404,8 +508,9 @@ class ProgressiveDistiller:
             student,
             self.schedule,
             self.num_student_steps // 2,
+            # The current student is the next teacher, so its type carries over.
             teacher_prediction=self.student_prediction,
-            student_prediction=self.student_prediction,
-            weighting=self.weighting,
+            student_prediction=self.student_prediction if student_prediction is None else student_prediction,
+            weighting=self._requested_weighting,
             clip_teacher_x=self.clip_teacher_x,
         )

@@ -11,9 +11,8 @@ losses compute their softmaxes in float32 (or float64 when given float64).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import warnings
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

@@ -63,7 +63,7 @@ def ddim_step(
     s: Tensor,
     *,
     schedule: NoiseSchedule,
-    prediction_type: str = "x",
+    prediction_type: str,
     clip_x: bool = False,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
@@ -77,7 +77,8 @@ def ddim_step(
         t: Current time per sample, [B].
         s: Target time per sample, [B] (usually ``s < t``).
         schedule: The noise schedule the times refer to.
-        prediction_type: What ``model_output`` is: "x", "eps" or "v".
+        prediction_type: What ``model_output`` is: "x", "eps" or "v" (or diffusers' names);
+            required, as the conversion to ``x_hat`` depends on it.
         clip_x: Clip ``x_hat`` to [-1, 1] and recompute ``eps_hat`` from it.
         eta: DDIM stochasticity, a finite number >= 0 (0: deterministic, 1: ancestral). Needs
             ``sigma_t > 0``.
@@ -96,7 +97,8 @@ def ddim_step(
         >>> from kdiff import CosineSchedule, ddim_step
         >>> sched = CosineSchedule()
         >>> z, x = torch.randn(2, 3, 8, 8), torch.zeros(2, 3, 8, 8)
-        >>> out = ddim_step(x, z, torch.tensor([1.0, 0.5]), torch.tensor([0.5, 0.25]), schedule=sched)
+        >>> out = ddim_step(x, z, torch.tensor([1.0, 0.5]), torch.tensor([0.5, 0.25]), schedule=sched,
+        ...                 prediction_type="x")
         >>> out.prev_sample.shape
         torch.Size([2, 3, 8, 8])
     """
@@ -136,7 +138,8 @@ class DDIMStep(nn.Module):
 
     Args:
         schedule: The noise schedule.
-        prediction_type: "x", "eps" or "v" (diffusers' names also accepted).
+        prediction_type: What the network outputs: "x", "eps" or "v" (diffusers' names also
+            accepted); required.
         clip_x: Clip ``x_hat`` to [-1, 1] before stepping.
         eta: DDIM stochasticity, a finite number >= 0 (default 0: deterministic).
 
@@ -155,7 +158,7 @@ class DDIMStep(nn.Module):
         self,
         schedule: NoiseSchedule,
         *,
-        prediction_type: str = "x",
+        prediction_type: str,
         clip_x: bool = False,
         eta: float = 0.0,
     ) -> None:
@@ -204,7 +207,7 @@ def ddim_sample(
     num_steps: int,
     *,
     schedule: NoiseSchedule,
-    prediction_type: str = "x",
+    prediction_type: str,
     clip_x: bool = True,
     clip_output: bool | None = None,
     eta: float = 0.0,
@@ -212,7 +215,7 @@ def ddim_sample(
     model_kwargs: dict[str, Any] | None = None,
     callback: Callable[[int, Tensor, DDIMStepOutput], None] | None = None,
 ) -> Tensor:
-    """Sample with ``num_steps`` DDIM steps on the grid ``t_N -> ... -> t_0`` of ``schedule``.
+    """Sample with ``num_steps`` DDIM steps on ``schedule.grid(num_steps)``: ``t_N -> ... -> t_0``.
 
     Args:
         model: Any callable ``model(z_t, t, **model_kwargs)`` returning a prediction of
@@ -221,9 +224,10 @@ def ddim_sample(
             its first C channels.
         noise: Starting noise ``z_{t_N}``, [B, ...] (scaled by ``sigma_{t_N}`` is not needed for
             variance-preserving schedules where ``sigma_{t_N} ~ 1``; it is used as given).
-        num_steps: ``N``, the number of network evaluations.
-        schedule: The noise schedule (discrete: ``N`` must divide ``T``).
-        prediction_type: "x", "eps" or "v".
+        num_steps: ``N``, the number of network evaluations; ``schedule.check_num_steps`` says
+            which counts it allows.
+        schedule: The noise schedule.
+        prediction_type: What ``model`` outputs: "x", "eps" or "v" (or diffusers' names); required.
         clip_x: Clip ``x_hat`` to [-1, 1] at each step (the paper's evaluation protocol).
         clip_output: Clip the final sample to [-1, 1] (default: same as ``clip_x``).
         eta: DDIM stochasticity (finite, >= 0); needs ``generator`` for reproducibility.
@@ -232,7 +236,8 @@ def ddim_sample(
         callback: Called as ``callback(k, t, step_output)`` after each step (k counts down).
 
     Returns:
-        The final sample at ``t_0`` (for a discrete schedule index 0, which is not noise-free).
+        The final sample at ``t_0`` (the paper's discrete cosine table's index 0 is not
+        noise-free; a DDPM/diffusers table's ``t = 0`` is).
 
     Raises:
         ValueError: If the model's output is not shaped like ``z_t``, or on a bad option.
@@ -241,7 +246,8 @@ def ddim_sample(
         >>> import torch
         >>> from kdiff import CosineSchedule, ddim_sample
         >>> model = lambda z, t: torch.zeros_like(z)   # predicts x = 0
-        >>> out = ddim_sample(model, torch.randn(2, 3, 8, 8), 4, schedule=CosineSchedule(logsnr_min=None, logsnr_max=None))
+        >>> out = ddim_sample(model, torch.randn(2, 3, 8, 8), 4, prediction_type="x",
+        ...                   schedule=CosineSchedule(logsnr_min=None, logsnr_max=None))
         >>> float(out.abs().max())
         0.0
     """

@@ -76,11 +76,11 @@ def test_stochastic_step_with_explicit_noise_follows_the_formula():
     sigma_eta = eta * (s_s / s_t) * (1 - (a_t * s_s / (a_s * s_t)) ** 2).sqrt()
     eps_hat = (z - a_t * x) / s_t
     expected = a_s * x + (s_s**2 - sigma_eta**2).sqrt() * eps_hat + sigma_eta * xi
-    out = ddim_step(x, z, t, s, schedule=sched, eta=eta, noise=xi)
+    out = ddim_step(x, z, t, s, schedule=sched, prediction_type="x", eta=eta, noise=xi)
     torch.testing.assert_close(out.prev_sample, expected, rtol=1e-12, atol=1e-12)
     # At eta = 0 the noise term vanishes: the deterministic step, whatever the noise.
-    torch.testing.assert_close(ddim_step(x, z, t, s, schedule=sched, eta=0.0, noise=xi).prev_sample,
-                               a_s * x + s_s * eps_hat, rtol=1e-12, atol=1e-12)
+    det = ddim_step(x, z, t, s, schedule=sched, prediction_type="x", eta=0.0, noise=xi).prev_sample
+    torch.testing.assert_close(det, a_s * x + s_s * eps_hat, rtol=1e-12, atol=1e-12)
 
 
 def test_time_per_sample_matches_individual_steps():
@@ -125,7 +125,8 @@ def test_ddim_sample_with_oracle_model_returns_data():
         calls.append((t.clone(), y))
         return x
 
-    out = ddim_sample(model, torch.randn_like(x), 4, schedule=sched, model_kwargs={"y": torch.tensor([1, 2])})
+    out = ddim_sample(model, torch.randn_like(x), 4, schedule=sched, prediction_type="x",
+                      model_kwargs={"y": torch.tensor([1, 2])})
     torch.testing.assert_close(out, x)
     assert [float(c[0][0]) for c in calls] == [1.0, 0.75, 0.5, 0.25]
     assert all(torch.equal(c[1], torch.tensor([1, 2])) for c in calls)
@@ -149,7 +150,8 @@ def test_ddim_sample_discrete_ends_at_index_zero_and_clips_only_when_asked(clip_
     noise = torch.randn(2, 1, 2, 2, dtype=torch.float64)
     x_pred = torch.tensor([5.0, 0.5, -3.0, 0.0], dtype=torch.float64).view(1, 1, 2, 2).expand(2, 1, 2, 2)
     seen = []
-    out = ddim_sample(lambda z, t: x_pred, noise, 4, schedule=sched, clip_x=clip_x, clip_output=clip_output,
+    out = ddim_sample(lambda z, t: x_pred, noise, 4, schedule=sched, prediction_type="x", clip_x=clip_x,
+                      clip_output=clip_output,
                       callback=lambda k, t, o: seen.append(float(t[0])))
     assert seen == [16.0, 12.0, 8.0, 4.0]
     ref = _reference_sampler(x_pred, noise, sched.grid(4).double(), sched, clip_x)
@@ -165,23 +167,23 @@ def test_bad_inputs():
     z = torch.randn(SHAPE)
     t = torch.full((B,), 8.0)
     with pytest.raises(ValueError, match="model_output and z_t must have the same shape"):
-        ddim_step(torch.randn(2, 2, 4, 4), z, t, t, schedule=sched)
+        ddim_step(torch.randn(2, 2, 4, 4), z, t, t, schedule=sched, prediction_type="x")
     with pytest.raises(ValueError, match=r"t must have shape \[3\]"):
-        ddim_step(z, z, torch.full((2,), 8.0), t, schedule=sched)
+        ddim_step(z, z, torch.full((2,), 8.0), t, schedule=sched, prediction_type="x")
     with pytest.raises(ValueError, match=r"s must have shape \[3\]"):
-        ddim_step(z, z, t, t[:, None], schedule=sched)
+        ddim_step(z, z, t, t[:, None], schedule=sched, prediction_type="x")
     with pytest.raises(ValueError, match="s must lie in"):
-        ddim_step(z, z, t, torch.full((B,), 20.0), schedule=sched)
+        ddim_step(z, z, t, torch.full((B,), 20.0), schedule=sched, prediction_type="x")
     with pytest.raises(ValueError, match="prediction_type must be one of"):
         DDIMStep(sched, prediction_type="score")
     with pytest.raises(ValueError, match="eta must be"):
-        DDIMStep(sched, eta=-1)
+        DDIMStep(sched, prediction_type="x", eta=-1)
     with pytest.raises(TypeError, match="schedule must be"):
-        DDIMStep("cosine")  # type: ignore[arg-type]
+        DDIMStep("cosine", prediction_type="x")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="noise contains NaN or infinite values"):
-        ddim_sample(lambda z, t: z, torch.full(SHAPE, float("nan")), 4, schedule=sched)
+        ddim_sample(lambda z, t: z, torch.full(SHAPE, float("nan")), 4, schedule=sched, prediction_type="x")
     with pytest.raises(ValueError, match="num_steps=5 must divide"):
-        ddim_sample(lambda z, t: z, z, 5, schedule=sched)
+        ddim_sample(lambda z, t: z, z, 5, schedule=sched, prediction_type="x")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -205,13 +207,14 @@ def test_noise_and_generator_together_are_refused():
     z = torch.randn(SHAPE)
     t, s = torch.full((B,), 0.8), torch.full((B,), 0.4)
     with pytest.raises(ValueError, match="both noise and generator"):
-        ddim_step(z, z, t, s, schedule=sched, eta=1.0, noise=torch.randn(SHAPE), generator=torch.Generator())
+        ddim_step(z, z, t, s, schedule=sched, prediction_type="x", eta=1.0, noise=torch.randn(SHAPE),
+                  generator=torch.Generator())
     with pytest.raises(ValueError, match="both noise and generator"):
-        DDIMStep(sched, eta=1.0)(z, z, t, s, noise=torch.randn(SHAPE), generator=torch.Generator())
+        DDIMStep(sched, prediction_type="x", eta=1.0)(z, z, t, s, noise=torch.randn(SHAPE), generator=torch.Generator())
     with pytest.raises(ValueError, match="noise and z_t must have the same shape"):
-        ddim_step(z, z, t, s, schedule=sched, eta=1.0, noise=torch.randn(B, 1, 4, 4))
+        ddim_step(z, z, t, s, schedule=sched, prediction_type="x", eta=1.0, noise=torch.randn(B, 1, 4, 4))
     with pytest.raises(ValueError, match="noise contains NaN"):
-        ddim_step(z, z, t, s, schedule=sched, eta=1.0, noise=torch.full(SHAPE, float("nan")))
+        ddim_step(z, z, t, s, schedule=sched, prediction_type="x", eta=1.0, noise=torch.full(SHAPE, float("nan")))
 
 
 @pytest.mark.parametrize("eta", [float("inf"), float("nan"), -0.5, True, "1", None])
@@ -220,11 +223,11 @@ def test_eta_must_be_a_finite_number(eta):
     z = torch.randn(SHAPE)
     t, s = torch.full((B,), 0.8), torch.full((B,), 0.4)
     with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
-        ddim_step(z, z, t, s, schedule=sched, eta=eta)
+        ddim_step(z, z, t, s, schedule=sched, prediction_type="x", eta=eta)
     with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
-        DDIMStep(sched, eta=eta)
+        DDIMStep(sched, prediction_type="x", eta=eta)
     with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
-        ddim_sample(lambda z, t: z, z, 2, schedule=sched, eta=eta)
+        ddim_sample(lambda z, t: z, z, 2, schedule=sched, prediction_type="x", eta=eta)
 
 
 def test_bad_flags_are_refused():
@@ -232,13 +235,13 @@ def test_bad_flags_are_refused():
     z = torch.randn(SHAPE)
     t, s = torch.full((B,), 0.8), torch.full((B,), 0.4)
     with pytest.raises(ValueError, match="clip_x must be True or False; got 'no'"):
-        ddim_step(z, z, t, s, schedule=sched, clip_x="no")
+        ddim_step(z, z, t, s, schedule=sched, prediction_type="x", clip_x="no")
     with pytest.raises(ValueError, match="clip_output must be True or False"):
-        ddim_sample(lambda z, t: z, z, 2, schedule=sched, clip_output=1)
+        ddim_sample(lambda z, t: z, z, 2, schedule=sched, prediction_type="x", clip_output=1)
     with pytest.raises(TypeError, match="model_kwargs must be a mapping"):
-        ddim_sample(lambda z, t: z, z, 2, schedule=sched, model_kwargs=["y"])
+        ddim_sample(lambda z, t: z, z, 2, schedule=sched, prediction_type="x", model_kwargs=["y"])
     with pytest.raises(TypeError, match="schedule must be a kdiff NoiseSchedule"):
-        ddim_step(z, z, t, s, schedule="cosine")
+        ddim_step(z, z, t, s, schedule="cosine", prediction_type="x")
 
 
 @pytest.mark.parametrize(
@@ -249,10 +252,42 @@ def test_bad_flags_are_refused():
 def test_ddim_sample_names_the_model_on_a_wrong_output_shape(out_shape, learned_variance):
     model = lambda z, t: torch.zeros(out_shape)  # noqa: E731
     with pytest.raises(ValueError, match=r"model output must have the shape of z_t \(3, 2, 4, 4\)") as err:
-        ddim_sample(model, torch.randn(SHAPE), 2, schedule=CosineSchedule())
+        ddim_sample(model, torch.randn(SHAPE), 2, schedule=CosineSchedule(), prediction_type="x")
     assert str(out_shape) in str(err.value)
     assert ("learned-variance" in str(err.value)) == learned_variance
     # The hint is right: the first C channels of a learned-variance output sample fine.
     if learned_variance:
-        out = ddim_sample(lambda z, t: model(z, t)[:, :2], torch.randn(SHAPE), 2, schedule=CosineSchedule())
+        out = ddim_sample(lambda z, t: model(z, t)[:, :2], torch.randn(SHAPE), 2, schedule=CosineSchedule(),
+                          prediction_type="x")
         assert out.shape == SHAPE
+
+
+def test_prediction_type_is_a_required_keyword():
+    sched = CosineSchedule()
+    z, t, s = torch.randn(SHAPE), torch.full((B,), 0.8), torch.full((B,), 0.4)
+    with pytest.raises(TypeError, match="prediction_type"):
+        ddim_step(z, z, t, s, schedule=sched)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="prediction_type"):
+        DDIMStep(sched)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="prediction_type"):
+        ddim_sample(lambda z, t: z, z, 2, schedule=sched)  # type: ignore[call-arg]
+    # The type decides the result: the same output read as x, eps or v gives three different steps.
+    steps = [ddim_step(z, z, t, s, schedule=sched, prediction_type=kind).prev_sample for kind in PREDICTION_TYPES]
+    assert not torch.allclose(steps[0], steps[1]) and not torch.allclose(steps[1], steps[2])
+
+
+@pytest.mark.parametrize("n", [1, 3, 7])
+def test_ddim_sample_on_a_trailing_grid_ends_on_the_clean_point(n):
+    """DDPM table (T = 1000, clean t = 0): any N steps on grid(N); an eps oracle lands exactly on x."""
+    sched = DiscreteSchedule.linear(1000)
+    x = torch.rand(2, 1, 2, 2, dtype=torch.float64) * 2 - 1
+
+    def eps_oracle(z, t):
+        a, s = (c.view(-1, 1, 1, 1) for c in sched.alpha_sigma(t, dtype=torch.float64))
+        return (z - a * x) / s
+
+    seen = []
+    out = ddim_sample(eps_oracle, torch.randn(2, 1, 2, 2, dtype=torch.float64), n, schedule=sched,
+                      prediction_type="eps", clip_x=False, callback=lambda k, t, o: seen.append(float(t[0])))
+    assert seen == sched.grid(n).flip(0)[:-1].tolist()
+    torch.testing.assert_close(out, x, rtol=0, atol=1e-9)
