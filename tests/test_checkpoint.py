@@ -1,10 +1,11 @@
-"""Tests for kdiff.checkpoint."""
+"""Tests for kdiff.io (weights, training state, atomic writes) and kdiff.recipes.rng."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,22 +17,22 @@ import pytest
 import torch
 
 import kdiff
-from kdiff import checkpoint as ckpt
-from kdiff.checkpoint import (
+from kdiff.io import (
+    RESERVED_KEYS,
     CheckpointError,
-    atomic_path,
     atomic_write_bytes,
-    capture_rng_state,
     load_state_dict_strict,
     load_training_state,
     load_weights,
-    restore_rng_state,
     save_training_state,
     save_weights,
-    sidecar_path,
+    sha256_file,
+    store,
 )
+from kdiff.recipes.rng import capture_rng_state, restore_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "benchmarks" / "assets" / "tiny"
 META = {
     "schedule": {"kind": "cosine", "num_steps": 1000, "betas": [0.1, 0.2]},
     "prediction_type": "x",
@@ -56,34 +57,41 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    """Apply ``edit`` to the parsed safetensors header and write the file back, still parseable."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
+
+
 # ----------------------------------------------------------------------------- weights
 
 
-def test_weights_roundtrip(tmp_path):
+def test_weights_roundtrip_is_one_self_describing_file(tmp_path):
     path = tmp_path / "sub" / "model.safetensors"
     sd = _state_dict()
     sd["tied"] = sd["inp.weight"]  # shared storage
     sd["transposed"] = sd["out.weight"].t()  # non-contiguous view of shared storage
     sd["half"] = torch.randn(2, 3).to(torch.bfloat16)
     save_weights(path, sd, META)
-    assert path.is_file() and sidecar_path(path).is_file()
-    side = json.loads(sidecar_path(path).read_text())
-    assert side["format_version"] == 1 and side["kdiff_version"] == kdiff.__version__
-    assert side["weights_nbytes"] == path.stat().st_size
+    assert _names(path.parent) == ["model.safetensors"]  # no sidecar, no temporary file
 
     loaded, meta = load_weights(path, expected={"schedule": META["schedule"]})
-    assert _same(loaded, sd)
-    assert loaded["half"].dtype == torch.bfloat16
-    for k, v in META.items():
-        assert meta[k] == v
-    assert meta["format_version"] == 1 and meta["kdiff_version"] == kdiff.__version__
+    assert _same(loaded, sd) and loaded["half"].dtype == torch.bfloat16
+    assert {k: meta[k] for k in META} == META
+    assert meta["format_version"] == store.FORMAT_VERSION == 2
+    assert meta["kdiff_version"] == kdiff.__version__
+    assert meta["weights_sha256"] == sha256_file(path)
     # tuples in `expected` compare equal to JSON lists
     load_weights(path, expected={"schedule": {**META["schedule"], "betas": (0.1, 0.2)}})
-    # no temporary files left over
-    assert sorted(p.name for p in path.parent.iterdir()) == [
-        "model.safetensors",
-        "model.safetensors.json",
-    ]
 
 
 def test_weights_load_into_module(tmp_path):
@@ -91,8 +99,7 @@ def test_weights_load_into_module(tmp_path):
     src = TinyNet()
     save_weights(path, src.state_dict(), {})
     dst = TinyNet()
-    sd, _ = load_weights(path)
-    load_state_dict_strict(dst, sd, path)
+    load_state_dict_strict(dst, load_weights(path)[0], path)
     assert _same(dict(dst.state_dict()), dict(src.state_dict()))
 
 
@@ -107,74 +114,104 @@ def test_expected_mismatch_names_file_and_keys(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_weights(path, expected=expected)
     msg = str(info.value)
-    assert str(path) in msg
+    assert str(path) in msg and "3 difference(s)" in msg
     assert "schedule.num_steps: checkpoint has 1000, expected 500" in msg
     assert 'prediction_type: checkpoint has "x", expected "eps"' in msg
     assert "guidance: missing in checkpoint, expected 2.0" in msg
-    assert "schedule.kind" not in msg and "step" not in msg.replace("num_steps", "")
+    assert "schedule.kind" not in msg
     # nested dicts must be equal: an extra key in the checkpoint is reported too
-    with pytest.raises(CheckpointError, match=r"schedule\.betas: checkpoint has \[0.1, 0.2\]"):
+    with pytest.raises(CheckpointError, match=r"schedule\.betas: checkpoint has \[0.1, 0.2\], not"):
         load_weights(path, expected={"schedule": {"kind": "cosine", "num_steps": 1000}})
     # bool is not int
     save_weights(path, _state_dict(), {"ema": True})
-    with pytest.raises(CheckpointError, match="ema"):
+    with pytest.raises(CheckpointError, match="ema: checkpoint has true, expected 1"):
         load_weights(path, expected={"ema": 1})
 
 
-def test_missing_files(tmp_path):
+def test_missing_file_names_it(tmp_path):
     path = tmp_path / "absent.safetensors"
-    with pytest.raises(CheckpointError, match="absent.safetensors does not exist"):
+    with pytest.raises(CheckpointError, match=r"absent\.safetensors does not exist"):
         load_weights(path)
-    save_weights(path, _state_dict(), META)
-    sidecar_path(path).unlink()
-    with pytest.raises(CheckpointError, match=r"sidecar .*absent\.safetensors\.json"):
-        load_weights(path)
-    sd, meta = load_weights(path, verify_sidecar=False, expected={"prediction_type": "x"})
-    assert _same(sd, _state_dict()) and meta["schedule"] == META["schedule"]
+    with pytest.raises(CheckpointError, match="is not a file"):
+        load_weights(tmp_path)
 
 
 @pytest.mark.parametrize("cut", [3, 20, -1, -40])
 def test_truncated_weights(tmp_path, cut):
     path = tmp_path / "model.safetensors"
     save_weights(path, _state_dict(), META)
-    data = path.read_bytes()
-    path.write_bytes(data[:cut])
+    path.write_bytes(path.read_bytes()[:cut])
     with pytest.raises(CheckpointError, match="corrupt") as info:
         load_weights(path)
     assert str(path) in str(info.value)
 
 
-def test_bad_header_and_bad_sidecar(tmp_path):
+def test_garbage_and_foreign_files_are_refused(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes((16).to_bytes(8, "little") + b"{not json at all")
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt"):
         load_weights(path)
-    save_weights(path, _state_dict(), META)
-    sidecar_path(path).write_text("{oops")
-    with pytest.raises(CheckpointError, match="not valid JSON"):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, path)  # valid safetensors, but not written by kdiff
+    with pytest.raises(CheckpointError, match="not a kdiff weights file"):
         load_weights(path)
 
 
-def test_hash_mismatch(tmp_path):
+def test_altered_tensor_bytes_fail_the_integrity_check(tmp_path):
     path = tmp_path / "model.safetensors"
     save_weights(path, _state_dict(), META)
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF  # flip bits in the last tensor's payload: still parseable
     path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="sha256") as info:
+    with pytest.raises(CheckpointError, match="fails its integrity check") as info:
         load_weights(path)
-    assert str(path) in str(info.value) and str(sidecar_path(path)) in str(info.value)
-    sd, _ = load_weights(path, verify_sidecar=False)
-    assert not _same(sd, _state_dict())
+    assert str(path) in str(info.value)
 
 
-def test_sidecar_of_other_weights_detected(tmp_path):
-    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    save_weights(a, _state_dict(0), META)
-    save_weights(b, _state_dict(1), META)
-    sidecar_path(a).write_bytes(sidecar_path(b).read_bytes())
-    with pytest.raises(CheckpointError, match="does not match its sidecar"):
-        load_weights(a)
+def test_altered_metadata_fails_the_integrity_check(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_weights(path, _state_dict(), META)
+
+    def edit(header):
+        meta = json.loads(header["__metadata__"]["kdiff_metadata"])
+        meta["prediction_type"] = "eps"
+        header["__metadata__"]["kdiff_metadata"] = json.dumps(meta)
+
+    _rewrite_header(path, edit)
+    with pytest.raises(CheckpointError, match="integrity"):
+        load_weights(path, expected={"prediction_type": "eps"})
+
+
+def test_newer_format_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    monkeypatch.setattr(store, "FORMAT_VERSION", 3)
+    save_weights(path, _state_dict(), META)
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="format_version 3"):
+        load_weights(path)
+
+
+def test_format_1_files_load_and_are_verified_against_their_json(tmp_path):
+    """kdiff 0.1.0 wrote the hash into ``<path>.json``; such files (the bundled assets) still load."""
+    src = ASSETS / "eval_classifier.safetensors"
+    path = tmp_path / src.name
+    side = tmp_path / (src.name + ".json")
+    shutil.copyfile(src, path)
+    shutil.copyfile(str(src) + ".json", side)
+    sd, meta = load_weights(path, expected={"kind": "classifier"})
+    assert meta["format_version"] == 1 and sd and meta["weights_sha256"] == sha256_file(path)
+    for bundled in ASSETS.glob("*.safetensors"):  # every bundled asset passes its check
+        assert load_weights(bundled)[1]["weights_sha256"] == sha256_file(bundled)
+
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="integrity"):
+        load_weights(path)
+    side.unlink()
+    with pytest.raises(CheckpointError, match=r"needs .*eval_classifier\.safetensors\.json"):
+        load_weights(path)
 
 
 def test_metadata_validation(tmp_path):
@@ -183,8 +220,9 @@ def test_metadata_validation(tmp_path):
         save_weights(path, _state_dict(), {"bad": object()})
     with pytest.raises(TypeError, match="JSON"):
         save_weights(path, _state_dict(), {"nan": float("nan")})
-    with pytest.raises(ValueError, match="reserved"):
-        save_weights(path, _state_dict(), {"format_version": 2})
+    for key in RESERVED_KEYS:
+        with pytest.raises(ValueError, match="reserved"):
+            save_weights(path, _state_dict(), {key: 2})
     with pytest.raises(TypeError, match="not a Tensor"):
         save_weights(path, {"x": [1, 2]}, {})
     assert not path.exists()
@@ -196,13 +234,16 @@ def test_load_state_dict_strict_errors(tmp_path):
     sd.pop("out.bias")
     sd["extra.weight"] = torch.zeros(1)
     sd["inp.weight"] = torch.zeros(7, 3)
+    model = TinyNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError) as info:
-        load_state_dict_strict(TinyNet(), sd, path)
+        load_state_dict_strict(model, sd, path)
     msg = str(info.value)
     assert str(path) in msg and "TinyNet" in msg
-    assert "missing keys (1)" in msg and "out.bias" in msg
-    assert "unexpected keys (1)" in msg and "extra.weight" in msg
+    assert "missing keys (1):\n    out.bias" in msg
+    assert "unexpected keys (1):\n    extra.weight" in msg
     assert "inp.weight: checkpoint (7, 3), model (4, 3)" in msg
+    assert _same(dict(model.state_dict()), before)  # nothing was loaded
 
 
 # ----------------------------------------------------------------------------- training state
@@ -224,8 +265,7 @@ def test_training_state_roundtrip_and_rng(tmp_path):
     model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    loss = model.out(model.inp(torch.randn(5, 3))).square().mean()
-    loss.backward()
+    model.out(model.inp(torch.randn(5, 3))).square().mean().backward()
     opt.step()
     sched.step()
 
@@ -234,17 +274,13 @@ def test_training_state_roundtrip_and_rng(tmp_path):
     np.random.randn()  # and numpy's
     rng = capture_rng_state({"data": gen})
     expected_draws = _draws(gen)
-
-    save_training_state(
-        path,
-        {
-            "step": 7,
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "rng": rng,
-            "misc": {"losses": [1.0, 0.5], "name": "run", "shape": torch.Size([2])},
-        },
-    )
+    save_training_state(path, {
+        "step": 7,
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": rng,
+        "misc": {"losses": [1.0, 0.5], "name": "run", "shape": torch.Size([2])},
+    })
     # scramble every RNG, then restore from disk
     random.seed(999)
     np.random.seed(999)
@@ -267,11 +303,13 @@ def test_training_state_roundtrip_and_rng(tmp_path):
         restore_rng_state(state["rng"], {"other": torch.Generator()})
 
 
-def test_training_state_rejects_unsafe_types(tmp_path):
+def test_training_state_rejects_unsafe_types_before_writing(tmp_path):
     path = tmp_path / "state.pt"
     with pytest.raises(TypeError, match=r"state\['rng'\]\['np'\].*numpy"):
         save_training_state(path, {"rng": {"np": np.zeros(3)}})
-    assert not path.exists()
+    with pytest.raises(TypeError, match=r"state\['hooks'\]\[1\].*function"):
+        save_training_state(path, {"hooks": [1, _draws]})
+    assert _names(tmp_path) == []
 
 
 def test_training_state_errors(tmp_path):
@@ -283,8 +321,7 @@ def test_training_state_errors(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="state.pt is corrupt"):
         load_training_state(path)
-    # a plain torch.save file is not a kdiff training state
-    torch.save({"step": 1}, path)
+    torch.save({"step": 1}, path)  # a plain torch.save file is not a kdiff training state
     with pytest.raises(CheckpointError, match="not a kdiff training state"):
         load_training_state(path)
 
@@ -300,9 +337,7 @@ class _Evil:
 def test_training_state_never_unpickles_code(tmp_path):
     path = tmp_path / "state.pt"
     marker = tmp_path / "pwned"
-    torch.save(
-        {"__kdiff_training_state__": {"format_version": 1}, "state": _Evil(str(marker))}, path
-    )
+    torch.save({"__kdiff_training_state__": {"format_version": 2}, "state": _Evil(str(marker))}, path)
     with pytest.raises(CheckpointError, match="weights_only"):
         load_training_state(path)
     assert not marker.exists()
@@ -311,119 +346,77 @@ def test_training_state_never_unpickles_code(tmp_path):
 # ----------------------------------------------------------------------------- atomicity
 
 
-def test_atomic_path_failure_keeps_old_file(tmp_path):
-    path = tmp_path / "file.bin"
-    atomic_write_bytes(path, b"old contents")
-    with pytest.raises(RuntimeError, match="boom"), atomic_path(path) as tmp:
-        tmp.write_bytes(b"partial new con")
-        raise RuntimeError("boom")
-    assert path.read_bytes() == b"old contents"
-    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
-
-
-def test_atomic_write_bytes_failure_midway(tmp_path, monkeypatch):
+def test_failed_write_keeps_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
     path = tmp_path / "model.safetensors"
     save_weights(path, _state_dict(0), META)
-    monkeypatch.setattr(ckpt, "_WRITE_CHUNK", 16)
-    calls = []
 
-    def failing(f, chunk):
-        calls.append(len(chunk))
-        if len(calls) == 3:
-            raise OSError("disk full")
-        f.write(chunk)
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "_write_chunk", failing)
-    with pytest.raises(OSError, match="disk full"):
-        save_weights(path, _state_dict(1), META)
-    sd, _ = load_weights(path)
-    assert _same(sd, _state_dict(0))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "model.safetensors",
-        "model.safetensors.json",
-    ]
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        save_weights(path, _state_dict(1), {"version": 2})
+    with pytest.raises(OSError, match="No space"):
+        save_training_state(tmp_path / "state.pt", {"step": 1})
+    monkeypatch.undo()
+    assert _same(load_weights(path, expected=META)[0], _state_dict(0))
+    assert _names(tmp_path) == ["model.safetensors"]
+
+
+def test_atomic_write_bytes_replaces_whole_file(tmp_path):
+    path = tmp_path / "a" / "latest"
+    atomic_write_bytes(path, b"step_0000002 and a long tail")
+    atomic_write_bytes(path, b"step_0000004")
+    assert path.read_bytes() == b"step_0000004" and _names(path.parent) == ["latest"]
 
 
 _CHILD = textwrap.dedent(
     """
     import os, signal, sys
     import torch
-    from kdiff import checkpoint as ckpt
+    from kdiff.io import save_training_state, save_weights
 
-    path, target, mode = sys.argv[1], sys.argv[2], sys.argv[3]
-    ckpt._WRITE_CHUNK = 32
-    calls = []
+    path, kind, hook = sys.argv[1:4]
+    real = getattr(os, hook)
 
-    def slow_write(f, chunk):
-        if os.path.basename(f.name).startswith("." + target + "."):
-            calls.append(1)
-            if len(calls) == 3:
-                f.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
-        f.write(chunk)
+    def die(*args):  # killed after the new bytes are written, before they replace the old file
+        if hook == "fsync":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if os.path.basename(args[0]).startswith("." + os.path.basename(path) + "."):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args)
 
-    ckpt._write_chunk = slow_write
+    setattr(os, hook, die)
     torch.manual_seed(1)
     sd = {"w": torch.randn(64, 8), "b": torch.randn(8)}
-    if mode == "weights":
-        ckpt.save_weights(path, sd, {"version": 2})
+    if kind == "weights":
+        save_weights(path, sd, {"version": 2})
     else:
-        real_save = torch.save
-
-        def save_then_die(obj, f):
-            real_save(obj, f)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        torch.save = save_then_die
-        ckpt.save_training_state(path, {"step": 2, "w": sd["w"]})
+        save_training_state(path, {"step": 2, "w": sd["w"]})
     sys.exit(3)  # not reached
     """
 )
 
 
-def _run_child(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run(
-        [sys.executable, "-c", _CHILD, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-skip_no_sigkill = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
-
-
-@skip_no_sigkill
-def test_sigkill_while_writing_weights_keeps_previous(tmp_path):
-    path = tmp_path / "model.safetensors"
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+@pytest.mark.parametrize("hook", ["fsync", "replace"])
+@pytest.mark.parametrize("kind", ["weights", "state"])
+def test_sigkill_during_save_keeps_previous_file(tmp_path, kind, hook):
+    path = tmp_path / ("model.safetensors" if kind == "weights" else "state.pt")
     old = {"w": torch.zeros(64, 8), "b": torch.zeros(8)}
-    save_weights(path, old, {"version": 1})
-    proc = _run_child(str(path), path.name, "weights")
+    if kind == "weights":
+        save_weights(path, old, {"version": 1})
+    else:
+        save_training_state(path, {"step": 1})
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), kind, hook], env=env,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    sd, meta = load_weights(path, expected={"version": 1})
-    assert _same(sd, old)
-
-
-@skip_no_sigkill
-def test_sigkill_between_weights_and_sidecar_is_detected(tmp_path):
-    path = tmp_path / "model.safetensors"
-    save_weights(path, {"w": torch.zeros(64, 8), "b": torch.zeros(8)}, {"version": 1})
-    proc = _run_child(str(path), sidecar_path(path).name, "weights")
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    # new weights are in place, the old sidecar is intact: detected, never silently mixed
-    with pytest.raises(CheckpointError, match="interrupted"):
-        load_weights(path)
-    sd, meta = load_weights(path, verify_sidecar=False)
-    assert meta["version"] == 2 and sd["w"].shape == (64, 8)
-
-
-@skip_no_sigkill
-def test_sigkill_while_saving_training_state_keeps_previous(tmp_path):
-    path = tmp_path / "state.pt"
-    save_training_state(path, {"step": 1})
-    proc = _run_child(str(path), path.name, "state")
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert load_training_state(path) == {"step": 1}
+    if kind == "weights":
+        sd, _ = load_weights(path, expected={"version": 1})
+        assert _same(sd, old)
+    else:
+        assert load_training_state(path) == {"step": 1}
+    # the only other file is the new data's temporary file, hidden, in the same folder
+    strays = [n for n in _names(tmp_path) if n != path.name]
+    assert len(strays) == 1 and strays[0].startswith(f".{path.name}.") and strays[0].endswith(".tmp")

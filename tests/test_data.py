@@ -24,7 +24,6 @@ from kdiff.data import (
     default_data_root,
     from_model_range,
     load_cifar10_arrays,
-    load_cifar10_class_names,
     random_hflip,
     to_model_range,
 )
@@ -118,10 +117,6 @@ def test_dataset_random_flip(data_root, test_dataset):
     assert 10 < flipped < 54
 
 
-def test_class_names_from_meta(data_root):
-    assert load_cifar10_class_names(data_root) == list(CIFAR10_CLASS_NAMES)
-
-
 def test_env_var_is_used(data_root, monkeypatch):
     monkeypatch.setenv("KDIFF_DATA_DIR", str(data_root))
     assert default_data_root() == data_root
@@ -164,16 +159,16 @@ def test_random_hflip_per_sample():
 # ----------------------------------------------------------------------------- not found
 
 
-def test_not_found_lists_paths_and_remedies(tmp_path, monkeypatch):
+def test_not_found_says_where_it_looked_and_how_to_fix(tmp_path, monkeypatch):
     monkeypatch.delenv("KDIFF_DATA_DIR", raising=False)
     root = tmp_path / "nowhere"
     with pytest.raises(DatasetNotFoundError) as info:
         load_cifar10_arrays(root)
     assert isinstance(info.value, FileNotFoundError)
-    msg = str(info.value)
-    assert str(root / "cifar-10-batches-py") in msg
-    assert f"{root} (" in msg
-    assert "KDIFF_DATA_DIR" in msg and "root=" in msg and "download=True" in msg
+    where, fix = str(info.value).splitlines()  # two lines: callers print the first one alone
+    assert f"{root / 'cifar-10-batches-py'} (no such folder)" in where
+    assert f"{root} (no such folder)" in where
+    assert "--data-dir" in fix and "$KDIFF_DATA_DIR (now unset)" in fix and "download=True" in fix
 
 
 def test_not_found_reports_missing_files(tmp_path):
@@ -191,7 +186,6 @@ def test_default_root_uses_env_then_cache(tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFoundError) as info:
         load_cifar10_arrays(train=False)
     assert str(tmp_path / ".cache" / "kdiff" / "data" / "cifar-10-batches-py") in str(info.value)
-    assert "currently unset" in str(info.value)
 
     env_root = tmp_path / "from-env"
     monkeypatch.setenv("KDIFF_DATA_DIR", str(env_root))
@@ -199,7 +193,7 @@ def test_default_root_uses_env_then_cache(tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFoundError) as info:
         CIFAR10(train=False)
     assert str(env_root / "cifar-10-batches-py") in str(info.value)
-    assert "$KDIFF_DATA_DIR" in str(info.value)
+    assert f"$KDIFF_DATA_DIR (now {env_root})" in str(info.value)
 
 
 # ----------------------------------------------------------------------------- corrupt files
@@ -325,23 +319,47 @@ def test_download_md5_mismatch_raises_and_leaves_nothing(tmp_path, fake_fetch):
     assert list(root.iterdir()) == []
 
 
-@pytest.mark.parametrize("kind", ["traversal", "absolute", "symlink"])
-def test_download_rejects_unsafe_members(tmp_path, monkeypatch, fake_fetch, kind):
-    if kind == "symlink":
-        member = tarfile.TarInfo("cifar-10-batches-py/link")
-        member.type = tarfile.SYMTYPE
-        member.linkname = "/etc/passwd"
-    else:
-        name = "../evil.txt" if kind == "traversal" else "/tmp/kdiff-evil.txt"
-        member = tarfile.TarInfo(name)
-    archive = _fake_archive(tmp_path, extra_member=member)
+def _member(kind: str, outside: Path) -> tarfile.TarInfo:
+    if kind == "traversal":
+        return tarfile.TarInfo("cifar-10-batches-py/../../evil.txt")
+    member = tarfile.TarInfo(f"cifar-10-batches-py/{kind}")
+    member.type = {"device": tarfile.CHRTYPE, "hardlink": tarfile.LNKTYPE}.get(kind, tarfile.SYMTYPE)
+    member.linkname = {"symlink-relative": "../../../evil.txt"}.get(kind, str(outside))
+    return member
+
+
+@pytest.mark.parametrize("kind", ["traversal", "symlink-absolute", "symlink-relative", "hardlink",
+                                  "device"])
+def test_download_refuses_unsafe_members(tmp_path, monkeypatch, fake_fetch, kind):
+    outside = tmp_path / "secret.txt"
+    outside.write_text("do not touch")
+    archive = _fake_archive(tmp_path, extra_member=_member(kind, outside))
     fake_fetch(archive)
     monkeypatch.setattr(cifar10, "CIFAR10_MD5", _md5(archive))
     root = tmp_path / "root"
-    with pytest.raises(DatasetCorruptError, match="Unsafe path|Refusing"):
+    with pytest.raises(DatasetCorruptError, match="invalid or unsafe"):
         load_cifar10_arrays(root, download=True)
-    assert not (tmp_path / "evil.txt").exists()
-    assert list(root.iterdir()) == []
+    assert not (tmp_path / "evil.txt").exists() and outside.read_text() == "do not touch"
+    assert list(root.iterdir()) == []  # nothing half-extracted is left
+
+
+def test_download_absolute_member_stays_inside(tmp_path, monkeypatch, fake_fetch):
+    target = tmp_path / "abs-evil.txt"
+    archive = _fake_archive(tmp_path, extra_member=tarfile.TarInfo(str(target)))
+    fake_fetch(archive)
+    monkeypatch.setattr(cifar10, "CIFAR10_MD5", _md5(archive))
+    root = tmp_path / "root"
+    images, _ = load_cifar10_arrays(root, train=False, download=True)  # "/" is stripped
+    assert images.shape == (4, 32, 32, 3) and not target.exists()
+    assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py"]
+
+
+def test_download_refused_without_tarfile_filters(tmp_path, monkeypatch, fake_fetch):
+    calls = fake_fetch(_fake_archive(tmp_path))
+    monkeypatch.delattr(cifar10.tarfile, "data_filter")
+    with pytest.raises(RuntimeError, match="tarfile filters"):
+        load_cifar10_arrays(tmp_path / "root", download=True)
+    assert calls == []  # refused before downloading anything
 
 
 def test_download_offline_raises_not_found(tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ from kdiff.eval import (
     reference_features,
     resolve_kid_subset_size,
 )
+from kdiff.io import RESERVED_KEYS, hash_images, load_weights, save_weights, sha256_file
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -167,7 +168,7 @@ def test_inception_extractor_details(inception, inception_feats):
     assert inception.num_features == 2048
     assert inception.name == "inception-v3-fid"
     assert inception.weights_path is not None
-    assert inception.weights_sha256 == ke.sha256_file(inception.weights_path)
+    assert inception.weights_sha256 == sha256_file(inception.weights_path)
     assert len(inception.weights_sha256) == 64
     assert not inception.training and not inception.net.training
     inception.train()  # must stay frozen
@@ -506,13 +507,13 @@ def test_reference_cache_miss_hit_and_keying(tmp_path):
     f1, info1 = reference_features(ext, imgs, cache_dir=tmp_path, key_info=info_key,
                                    progress=False, return_info=True)
     assert info1["status"] == "miss" and ext.seen == 20
-    names = _files(tmp_path)
-    assert len(names) == 2 and not any(n.endswith(".tmp") for n in names)
-    sidecar = json.loads(Path(info1["path"]).read_text())
-    assert sidecar["key"] == info1["key"] and sidecar["data_hash"] == ke.hash_images(imgs)
-    assert sidecar["extractor"]["weights_sha256"] == ext.weights_sha256
-    assert sidecar["key_info"] == info_key and sidecar["shape"] == [20, 8]
-    assert sidecar["storage"] == "safetensors"
+    assert _files(tmp_path) == [Path(info1["path"]).name]  # one file, no temporary left
+    # the entry records what produced it, readable through the verified loader
+    tensors, record = load_weights(info1["path"])
+    assert torch.equal(tensors["features"], f1)
+    assert record["key"] == info1["key"] and record["data_hash"] == hash_images(imgs)
+    assert record["extractor"]["weights_sha256"] == ext.weights_sha256
+    assert record["key_info"] == info_key and record["shape"] == [20, 8]
 
     f2, info2 = reference_features(ext, imgs, cache_dir=tmp_path, key_info=info_key,
                                    progress=False, return_info=True)
@@ -531,11 +532,13 @@ def test_reference_cache_miss_hit_and_keying(tmp_path):
                                progress=False, return_info=True)
     assert [i["status"] for i in (i3, i4, i5)] == ["miss"] * 3
     assert len({info1["key"], i3["key"], i4["key"], i5["key"]}) == 4
-    assert len(_files(tmp_path)) == 8
+    assert len(_files(tmp_path)) == 4
 
     with pytest.raises(ValueError, match="key_info"):
         reference_features(ext, imgs, cache_dir=tmp_path, key_info={"x": object()},
                            progress=False)
+    with pytest.raises(TypeError, match="FeatureExtractor"):
+        reference_features(nn.Identity(), imgs, cache_dir=tmp_path, progress=False)
 
 
 def test_reference_cache_stale_entries_are_recomputed(tmp_path):
@@ -543,34 +546,27 @@ def test_reference_cache_stale_entries_are_recomputed(tmp_path):
     imgs = torch.rand(12, 3, 8, 8) * 2 - 1
     good, info = reference_features(ext, imgs, cache_dir=tmp_path, progress=False,
                                     return_info=True)
-    json_path = Path(info["path"])
-    feat_path = json_path.parent / info["features_file"]
+    path = Path(info["path"])
+    record = {k: v for k, v in load_weights(path)[1].items() if k not in RESERVED_KEYS}
 
-    # 1) features file corrupted (hash mismatch)
-    feat_path.write_bytes(feat_path.read_bytes()[:-8] + b"\x00" * 8)
-    ext.seen = 0
-    f, i = reference_features(ext, imgs, cache_dir=tmp_path, progress=False, return_info=True)
-    assert i["status"] == "stale" and ext.seen == 12 and torch.equal(f, good)
-    assert reference_features(ext, imgs, cache_dir=tmp_path, progress=False,
-                              return_info=True)[1]["status"] == "hit"
+    def lookup():
+        ext.seen = 0
+        f, i = reference_features(ext, imgs, cache_dir=tmp_path, progress=False, return_info=True)
+        return f, i, ext.seen
 
-    # 2) sidecar records another key
-    rec = json.loads(json_path.read_text())
-    rec["key"] = "0" * 64
-    json_path.write_text(json.dumps(rec))
-    _, i = reference_features(ext, imgs, cache_dir=tmp_path, progress=False, return_info=True)
-    assert i["status"] == "stale"
-
-    # 3) sidecar missing but features present (crash between the two writes)
-    json_path.unlink()
-    _, i = reference_features(ext, imgs, cache_dir=tmp_path, progress=False, return_info=True)
-    assert i["status"] == "stale"
-
-    # 4) garbage sidecar
-    json_path.write_text("{not json")
-    f, i = reference_features(ext, imgs, cache_dir=tmp_path, progress=False, return_info=True)
-    assert i["status"] == "stale" and torch.equal(f, good)
-    assert len(_files(tmp_path)) == 2
+    damage = {
+        "altered bytes": lambda: path.write_bytes(path.read_bytes()[:-8] + b"\x00" * 8),
+        "truncated": lambda: path.write_bytes(path.read_bytes()[:100]),
+        "garbage": lambda: path.write_bytes(b"not a safetensors file"),
+        "other key": lambda: save_weights(path, {"features": good}, {**record, "key": "0" * 64}),
+        "wrong dim": lambda: save_weights(path, {"features": good[:, :3]}, record),
+    }
+    for what, spoil in damage.items():
+        spoil()
+        f, i, seen = lookup()
+        assert i["status"] == "stale" and seen == 12 and torch.equal(f, good), what
+        assert lookup()[1]["status"] == "hit", what  # the recomputed entry replaced the bad one
+    assert _files(tmp_path) == [path.name]
 
 
 def test_reference_cache_writes_are_atomic(tmp_path, monkeypatch):
@@ -588,7 +584,7 @@ def test_reference_cache_writes_are_atomic(tmp_path, monkeypatch):
     assert _files(tmp_path) == []  # no partial file under the final name, temp removed
     monkeypatch.undo()
     _, info = reference_features(ext, imgs, cache_dir=tmp_path, progress=False, return_info=True)
-    assert info["status"] == "miss" and len(_files(tmp_path)) == 2
+    assert info["status"] == "miss" and len(_files(tmp_path)) == 1
 
 
 def test_reference_cache_iterables_need_dataset_hash(tmp_path):
@@ -603,14 +599,3 @@ def test_reference_cache_iterables_need_dataset_hash(tmp_path):
                                   dataset_hash="toy-v1", progress=False, return_info=True)
     assert info["status"] == "hit" and ext.seen == 0 and torch.equal(f1, f2)
     assert info["data_hash"] == "toy-v1"
-
-
-def test_reference_cache_torch_fallback_without_safetensors(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "safetensors", None)
-    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
-    ext = _classifier_extractor(cls=CountingExtractor)
-    imgs = torch.rand(5, 3, 8, 8) * 2 - 1
-    f1, i1 = reference_features(ext, imgs, cache_dir=tmp_path, progress=False, return_info=True)
-    f2, i2 = reference_features(ext, imgs, cache_dir=tmp_path, progress=False, return_info=True)
-    assert i1["storage"] == "torch" and i1["features_file"].endswith(".pt")
-    assert i2["status"] == "hit" and torch.equal(f1, f2) and ext.seen == 5

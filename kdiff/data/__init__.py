@@ -19,7 +19,6 @@ from kdiff.data.cifar10 import (
     find_cifar10,
     from_model_range,
     load_cifar10_arrays,
-    load_cifar10_class_names,
     random_hflip,
     to_model_range,
 )
@@ -38,7 +37,6 @@ __all__ = [
     "find_cifar10",
     "from_model_range",
     "load_cifar10_arrays",
-    "load_cifar10_class_names",
     "random_hflip",
     "to_model_range",
 ]

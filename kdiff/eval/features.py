@@ -18,11 +18,10 @@ imported lazily, inside functions.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kdiff.classifier import ClassifierTransform
+from kdiff.io.hashing import sha256_file, sha256_state_dict
 
 __all__ = [
     "INCEPTION_WEIGHTS_ENV",
@@ -39,8 +41,6 @@ __all__ = [
     "InceptionFeatureExtractor",
     "compute_features",
     "find_inception_weights",
-    "sha256_file",
-    "sha256_state_dict",
 ]
 
 #: Environment variable naming a TorchScript FID Inception file.
@@ -54,47 +54,6 @@ _INCEPTION_DIM = 2048
 
 class FeatureWeightsNotFoundError(FileNotFoundError):
     """No weights for a feature network could be found (raised with a list of what was tried)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# hashing helpers
-
-
-def sha256_file(path: str | Path, *, chunk_size: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file's bytes.
-
-    Example:
-        >>> import tempfile, os
-        >>> fd, p = tempfile.mkstemp(); os.write(fd, b"abc"); os.close(fd)
-        3
-        >>> sha256_file(p)[:12]
-        'ba7816bf8f01'
-    """
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_size), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_state_dict(state_dict: Mapping[str, Tensor]) -> str:
-    """SHA-256 of a state dict: names, dtypes, shapes and raw bytes, in sorted key order.
-
-    Example:
-        >>> sd = torch.nn.Linear(2, 2).state_dict()
-        >>> sha256_state_dict(sd) == sha256_state_dict(dict(sd))
-        True
-    """
-    h = hashlib.sha256()
-    for key in sorted(state_dict):
-        t = state_dict[key]
-        if not isinstance(t, Tensor):
-            h.update(f"{key}|{t!r};".encode())
-            continue
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,18 +340,23 @@ class InceptionFeatureExtractor(FeatureExtractor):
 class ClassifierFeatureExtractor(FeatureExtractor):
     """Features of an evaluation classifier returning ``(logits, features)``.
 
-    Images in ``[-1, 1]`` are mapped to ``[0, 1]``, then normalised with ``mean``/``std`` (per
-    channel) before the classifier. FID/KID on these features is a fast proxy metric: it is only
-    comparable between runs that use the *same* classifier weights (recorded as
-    ``weights_sha256``, hashed from the state dict).
+    Images go through a :class:`kdiff.ClassifierTransform`, the same function that feeds
+    classifiers in training: float images in ``[-1, 1]`` (or uint8 in ``[0, 255]``) are mapped to
+    ``[0, 1]``, clamped, then normalised with ``mean``/``std`` (per channel). FID/KID on these
+    features is a fast proxy metric: it is only comparable between runs that use the *same*
+    classifier weights (recorded as ``weights_sha256``, hashed from the state dict) and the same
+    transform (recorded in ``preprocessing``).
 
     Args:
         classifier: Module returning ``(logits, features)``; ``features`` is flattened to
             ``[B, feature_dim]``.
-        mean: Per-channel mean (3 values) of the classifier's input normalisation.
-        std: Per-channel std (3 values).
+        mean: Per-channel mean (3 values) of the classifier's input normalisation; builds
+            ``ClassifierTransform(mean=mean, std=std, clamp=True)``.
+        std: Per-channel std (3 positive values).
         feature_dim: Dimension of the returned features.
         name: Name recorded in protocols/cache keys.
+        transform: A ready :class:`kdiff.ClassifierTransform` instead of ``mean``/``std`` (e.g.
+            with a resize); exactly one of the two must be given.
 
     Example:
         >>> class Tiny(torch.nn.Module):
@@ -412,41 +376,44 @@ class ClassifierFeatureExtractor(FeatureExtractor):
         self,
         classifier: nn.Module,
         *,
-        mean: Sequence[float],
-        std: Sequence[float],
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         feature_dim: int,
         name: str = "classifier",
+        transform: ClassifierTransform | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(classifier, nn.Module):
             raise TypeError(f"classifier must be an nn.Module; got {type(classifier).__name__}")
-        mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
-        std_t = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
-        if mean_t.numel() != 3:
-            raise ValueError(f"mean must have 3 values; got {mean_t.numel()}")
-        if std_t.numel() != 3 or not bool((std_t > 0).all()):
-            raise ValueError(f"std must have 3 positive values; got {std_t.tolist()}")
-        if not isinstance(feature_dim, int) or feature_dim < 1:
+        if transform is None:
+            if mean is None or std is None:
+                raise ValueError("give mean and std (or transform=ClassifierTransform(...))")
+            mean, std = list(np.asarray(mean, dtype=float).reshape(-1)), list(np.asarray(std, dtype=float).reshape(-1))
+            if len(mean) != 3:
+                raise ValueError(f"mean must have 3 values; got {len(mean)}")
+            if len(std) != 3 or not all(s > 0 for s in std):
+                raise ValueError(f"std must have 3 positive values; got {std}")
+            transform = ClassifierTransform(mean=mean, std=std, clamp=True)
+        elif mean is not None or std is not None:
+            raise ValueError("give either mean/std or transform, not both")
+        elif not isinstance(transform, ClassifierTransform):
+            # preprocessing is part of reference-cache keys, so the transform must be describable.
+            raise TypeError(f"transform must be a kdiff.ClassifierTransform; got {type(transform).__name__}")
+        if transform.channels not in (None, 3):
+            raise ValueError(f"transform must normalise 3 channels; got {transform.channels}")
+        if not isinstance(feature_dim, int) or isinstance(feature_dim, bool) or feature_dim < 1:
             raise ValueError(f"feature_dim must be a positive int; got {feature_dim!r}")
         self.classifier = classifier.eval()
-        self.register_buffer("mean", mean_t.reshape(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", std_t.reshape(1, 3, 1, 1), persistent=False)
+        self.transform = transform
         self.num_features = feature_dim
         self.name = name
         self.weights_sha256 = sha256_state_dict(classifier.state_dict())
-        self.preprocessing = {
-            "input": "[-1,1] float",
-            "to01": "(x+1)/2 clamp [0,1]",
-            "mean": [float(v) for v in mean_t],
-            "std": [float(v) for v in std_t],
-        }
+        self.preprocessing = {"input": "[-1,1] float or [0,255] uint8", **transform.describe()}
         self.eval()
 
     def extract(self, images: Tensor) -> Tensor:
-        x = images.to(self.mean.device)
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else ((x.float() + 1.0) / 2.0).clamp(0, 1)
-        x = (x - self.mean) / self.std
-        out = self.classifier(x)
+        x = self.transform(images.to(self.device))
+        out = self.classifier(x.float())
         if not (isinstance(out, (tuple, list)) and len(out) >= 2):
             raise TypeError("classifier must return (logits, features)")
         return out[1]
