@@ -35,7 +35,8 @@ def test_ddim_and_pd_match_cpu_and_do_not_sync():
     net = torch.nn.Conv2d(3, 3, 3, padding=1).cuda()
     clf = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                               torch.nn.Linear(8, 10)).cuda()
-    pd = ProgressiveDistiller(lambda z, t: net(z), lambda z, t: net(z), sched, 8)
+    pd = ProgressiveDistiller(lambda z, t: net(z), lambda z, t: net(z), sched, 8, teacher_prediction="x",
+                              student_prediction="x")
     cfd = CFDLoss(clf, feature_layer="2")
     t_gpu = t.cuda()
     step(z_gpu * 0.5, z_gpu, t_gpu, t_gpu - 256)  # warm-up: per-device schedule tables
@@ -54,7 +55,100 @@ def test_ddim_and_pd_match_cpu_and_do_not_sync():
 def test_autocast_bf16_cuda():
     sched = DiscreteSchedule.cosine(1024)
     net = torch.nn.Conv2d(3, 3, 3, padding=1).cuda().to(memory_format=torch.channels_last)
-    pd = ProgressiveDistiller(lambda z, t: net(z), lambda z, t: net(z), sched, 8)
+    pd = ProgressiveDistiller(lambda z, t: net(z), lambda z, t: net(z), sched, 8, teacher_prediction="x",
+                              student_prediction="x")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = pd(torch.randn(8, 3, 32, 32, device="cuda"))
     assert out.loss.dtype == torch.float32 and bool(torch.isfinite(out.loss))
+
+
+# ------------------------------------------------------------------ fused ops (kdiff.ops)
+def _triton_or_skip():
+    from kdiff.ops import interpreter_enabled, triton_available
+
+    if not triton_available():
+        pytest.skip("triton does not import (CUDA builds of torch ship it): the fused CUDA ops need it")
+    if interpreter_enabled():
+        pytest.skip("TRITON_INTERPRET is set: the CUDA kernels would run in the interpreter")
+
+
+def _cuda_and_ref(*shape, dtype, seed, scale=1.0):
+    """The same values on the GPU (``dtype``) and on the CPU in float64, for an exact reference."""
+    x = (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+    return x.cuda().requires_grad_(True), x.double().requires_grad_(True)
+
+
+# The kernels' maths is float32; outputs and gradients are rounded to the input dtype.
+_FUSED_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-6), torch.bfloat16: dict(rtol=1e-2, atol=1e-4)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_ops_match_float64_reference(dtype):
+    from kdiff.ops import dataset_oriented_loss as fused_data
+    from kdiff.ops import feature_kl_loss as fused_kl
+    from kdiff.ops import pd_target_loss
+
+    _triton_or_skip()
+    tol = _FUSED_TOL[dtype]
+    for shape in ((64, 512), (41, 1920), (8, 5000)):  # 5000 > one 4096 block: the looped path
+        for reduction in ("batchmean", "none"):
+            (f_s, f_s64), (f_t, f_t64) = _cuda_and_ref(*shape, dtype=dtype, seed=0, scale=2), _cuda_and_ref(*shape, dtype=dtype, seed=1, scale=2)
+            out = fused_kl(f_s, f_t.detach(), temperature=0.9, reduction=reduction, impl="triton")
+            exp = feature_kl_loss(f_s64, f_t64.detach(), temperature=0.9, reduction=reduction)
+            torch.testing.assert_close(out.cpu().double(), exp, **tol)
+            go = torch.full_like(exp, 2.0)
+            out.backward(go.to(out))
+            exp.backward(go)
+            torch.testing.assert_close(f_s.grad.cpu().double(), f_s64.grad, **tol)
+    for shape in ((256, 10), (64, 1000), (7, 5000)):
+        lg, lg64 = _cuda_and_ref(*shape, dtype=dtype, seed=2, scale=3)
+        out = fused_data(lg, gamma=0.75, impl="triton")
+        exp = dataset_oriented_loss(lg64, gamma=0.75)
+        for o, e in zip(out, exp, strict=True):
+            torch.testing.assert_close(o.cpu().double(), e, **tol)
+        (2 * out[0]).backward()
+        (2 * exp[0]).backward()
+        torch.testing.assert_close(lg.grad.cpu().double(), lg64.grad, **tol)
+    z, z64 = _cuda_and_ref(16, 3, 32, 32, dtype=dtype, seed=3)
+    (o1, o1_64), (o2, o2_64) = _cuda_and_ref(16, 3, 32, 32, dtype=dtype, seed=4), _cuda_and_ref(16, 3, 32, 32, dtype=dtype, seed=5)
+    x_hat, x_hat64 = _cuda_and_ref(16, 3, 32, 32, dtype=dtype, seed=6)
+    a = torch.linspace(0.2, 0.9, 16, dtype=torch.float64)
+    coeffs64 = [c for v in (a, a + 0.03, a + 0.06) for c in (v, (1 - v * v).sqrt())]
+    out = pd_target_loss(x_hat, z.detach(), o1.detach(), o2.detach(), *[c.float().cuda() for c in coeffs64],
+                         teacher_prediction="eps", clip_x=True, impl="triton")
+    exp = pd_target_loss(x_hat64, z64.detach(), o1_64.detach(), o2_64.detach(), *coeffs64,
+                         teacher_prediction="eps", clip_x=True, impl="torch")
+    torch.testing.assert_close(out.loss.cpu().double(), exp.loss, **tol)
+    torch.testing.assert_close(out.x_tilde.cpu().double(), exp.x_tilde, rtol=tol["rtol"], atol=1e-3)
+    out.loss.backward()
+    exp.loss.backward()
+    torch.testing.assert_close(x_hat.grad.cpu().double(), x_hat64.grad, rtol=tol["rtol"], atol=1e-6)
+
+
+def test_fused_ops_auto_dispatch_and_no_host_syncs():
+    from kdiff.ops import dataset_oriented_loss as fused_data
+    from kdiff.ops import feature_kl_loss as fused_kl
+    from kdiff.ops import pd_target_loss, resolve_impl
+
+    _triton_or_skip()
+    f = torch.randn(128, 512, device="cuda")
+    assert resolve_impl("auto", f, op="feature_kl_loss") == "triton"
+    assert resolve_impl("auto", f.double(), op="feature_kl_loss") == "torch"
+    f_s = f.clone().requires_grad_(True)
+    lg = torch.randn(128, 10, device="cuda", requires_grad=True)
+    z = torch.randn(8, 3, 32, 32, device="cuda")
+    x_hat = z.clone().requires_grad_(True)
+    coeffs = [torch.full((8,), v, device="cuda") for v in (0.6, 0.8, 0.7, 0.714, 0.8, 0.6)]
+
+    def step():
+        loss = fused_kl(f_s, f, temperature=0.9) + fused_data(lg)[0] + pd_target_loss(x_hat, z, z, z, *coeffs).loss
+        loss.backward()
+
+    step()  # warm-up: compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync from here on raises
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(f_s.grad).all() and torch.isfinite(lg.grad).all() and torch.isfinite(x_hat.grad).all()
