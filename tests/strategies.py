@@ -16,7 +16,7 @@ def schedules() -> st.SearchStrategy:
         st.just(CosineSchedule()),
         st.just(CosineSchedule(logsnr_min=None, logsnr_max=None)),
         st.sampled_from([8, 16, 64, 1024, 48]).map(DiscreteSchedule.cosine),
-        st.sampled_from([32, 96]).map(lambda T: DiscreteSchedule.linear(T + 1)),
+        st.sampled_from([32, 96]).map(lambda T: DiscreteSchedule.linear(T)),
     )
 
 
