@@ -1,23 +1,26 @@
 """A frozen image classifier seen as ``images -> (logits, features)``, with an explicit input transform.
 
-CFD distils through the classifier's penultimate pooled features ``f(x)`` (docs/method.md §3). Users
-have classifiers in three forms, all accepted by :class:`FrozenClassifier`:
+CFD distils through the classifier's penultimate pooled features ``f(x)`` (docs/method.md §3). Any
+classifier can guide it; :class:`FrozenClassifier` reads ``f(x)`` from:
 
-1. a module returning ``(logits, features)``;
+1. a module (or callable) returning ``(logits, features)``;
 2. any ``nn.Module`` plus ``feature_layer``, the name of the sub-module whose output is the feature
    vector (read with a forward hook; a [B, C, H, W] output is global-average-pooled), e.g.
-   ``"avgpool"`` of a torchvision ResNet or ``"global_pool"`` of a timm model;
-3. a plain callable returning ``(logits, features)``.
+   ``"avgpool"`` of a torchvision ResNet;
+3. a timm model, ``features="timm"``: ``forward_features`` then ``forward_head(pre_logits=True)``;
+4. the logits themselves, ``features="logits"``, for a classifier that exposes nothing else.
 
 :class:`FrozenClassifier` is the one owner of the classifier's input transform
 (:class:`ClassifierTransform`). Its default maps the diffusion range [-1, 1] to [0, 1], the input
-range of classifiers trained on [0, 1] images (torchvision's, kdiff's own); the paper fed raw
-[-1, 1] images, which is ``ClassifierTransform(output_range=(-1, 1))``.
+range of classifiers trained on [0, 1] images (torchvision's, kdiff's own), and bounds the images to
+that range; the paper fed raw, unbounded [-1, 1] images, which is
+``ClassifierTransform(output_range=(-1, 1), clamp=False)``.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 import weakref
 from collections.abc import Callable, Sequence
@@ -28,6 +31,7 @@ import einops
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from ._validation import _is_finite_real
 
@@ -56,11 +60,23 @@ def _float_tuple(name: str, value: Any) -> tuple[float, ...]:
 class ClassifierTransform:
     """Maps generated images to a classifier's expected input.
 
-    ``x -> resize((lerp(x, input_range -> output_range) - mean) / std, size)``. The default,
-    ``ClassifierTransform()``, maps [-1, 1] to [0, 1] and nothing else: the convention of
-    classifiers trained on [0, 1] images (torchvision's, kdiff's own). The paper fed the raw [-1, 1]
-    images to its classifiers: that is ``ClassifierTransform(output_range=(-1, 1))`` (add
-    ``size=224, align_corners=True`` for its ImageNet classifiers).
+    ``x -> resize((clamp(lerp(x, input_range -> output_range)) - mean) / std, size)``. The default,
+    ``ClassifierTransform()``, maps [-1, 1] to [0, 1], bounds the result to [0, 1] and does nothing
+    else: the convention of classifiers trained on [0, 1] images (torchvision's, kdiff's own). The
+    paper fed the raw, unbounded [-1, 1] images to its classifiers: that is
+    ``ClassifierTransform(output_range=(-1, 1), clamp=False)`` (add ``size=224,
+    align_corners=True`` for its ImageNet classifiers).
+
+    The bound (``clamp=True``, the default) is where kdiff keeps the classifier inside the range
+    it was trained on, for CFD losses and evaluation alike: a student's x-prediction
+    ``x_hat = (z_t - sigma_t eps_hat) / alpha_t`` of an eps-network reaches +-100 where
+    ``alpha_t`` is about 0 (the top of DDPM's linear betas), and a classifier fed such images
+    gives saturated features that swamp the loss. Clamping the mapped image to ``output_range`` is
+    clamping ``x`` to ``input_range``: where ``x`` is inside, values and gradients are those of the
+    unbounded transform exactly; a pixel outside gets zero gradient (``torch.clamp``), since
+    moving it does not change what the classifier sees (a straight-through bound would pass it
+    the boundary's gradient, which can push it further out with no effect on the loss). Sampling
+    with ``clip_x=True`` then uses the same bounded image the classifier scored.
 
     uint8 images are read as [0, 255] (mapped to ``output_range``), so saved samples and dataset
     images go through the same function as generated float images.
@@ -72,8 +88,8 @@ class ClassifierTransform:
         std: Per-channel std for normalisation (each > 0), or None.
         size: Classifier resolution (int or (H, W)), or None to keep the size.
         align_corners: For the bilinear resize (the paper's code used True for 224x224).
-        clamp: Clamp the mapped images to ``output_range`` before normalising (for evaluation;
-            leave off in training losses, where it would zero gradients outside the range).
+        clamp: Bound the mapped images to ``output_range`` before normalising (default True);
+            False feeds out-of-range images through unchanged, as the paper did.
 
     Example:
         >>> import torch
@@ -81,8 +97,10 @@ class ClassifierTransform:
         >>> tf = ClassifierTransform(mean=(0.4914, 0.4822, 0.4465), std=(0.247, 0.243, 0.261))
         >>> tf(torch.zeros(2, 3, 32, 32)).shape
         torch.Size([2, 3, 32, 32])
-        >>> paper = ClassifierTransform(output_range=(-1, 1))   # raw [-1, 1] images, as in the paper
-        >>> bool((paper(torch.ones(1, 3, 4, 4)) == 1).all())
+        >>> float(ClassifierTransform()(torch.full((1, 3, 2, 2), 100.0)).max())   # bounded
+        1.0
+        >>> paper = ClassifierTransform(output_range=(-1, 1), clamp=False)   # raw images, as in the paper
+        >>> bool((paper(torch.full((1, 3, 4, 4), 5.0)) == 5).all())
         True
     """
 
@@ -92,7 +110,7 @@ class ClassifierTransform:
     std: Sequence[float] | None = None
     size: int | tuple[int, int] | None = None
     align_corners: bool = False
-    clamp: bool = False
+    clamp: bool = True
 
     def __post_init__(self) -> None:
         # Stored as tuples of floats, so transforms built from lists (e.g. JSON metadata) compare
@@ -228,35 +246,90 @@ class _CaptureHook:
         return (_CaptureHook, (None,))
 
 
+_FEATURE_SOURCES: tuple[str, ...] = ("timm", "logits")
+
+
+def _accepts_keyword(fn: Callable[..., Any], name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): let the call decide
+        return True
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+class _ClassifierCall(nn.Module):
+    """The classifier's own forward for one feature source.
+
+    :class:`FrozenClassifier` runs it through ``torch.func.functional_call`` with detached copies
+    of the parameters that require grad, so timm's two-method forward gets the same treatment as
+    ``forward``. It is not a registered sub-module of the wrapper (the classifier is, once).
+    """
+
+    def __init__(self, net: nn.Module, features: str | None) -> None:
+        super().__init__()
+        self.net = net
+        self.features = features
+
+    def forward(self, x: Tensor) -> Any:
+        if self.features == "timm":
+            h = self.net.forward_features(x)
+            return self.net.forward_head(h), self.net.forward_head(h, pre_logits=True)
+        return self.net(x)
+
+
 class FrozenClassifier(nn.Module):
     """Wraps a frozen classifier as ``images -> (logits, features)``, with its input transform.
 
     The wrapper owns the input transform: ``transform=None`` means ``ClassifierTransform()``,
-    which maps [-1, 1] to [0, 1] (classifiers trained on [0, 1] images); pass
-    ``ClassifierTransform(output_range=(-1, 1))`` for the paper's setting (raw [-1, 1] images),
-    or a transform with the classifier's ``mean``/``std``/``size``.
+    which maps [-1, 1] to [0, 1] and bounds the images to that range (classifiers trained on
+    [0, 1] images); pass ``ClassifierTransform(output_range=(-1, 1), clamp=False)`` for the
+    paper's setting (raw [-1, 1] images), or a transform with the classifier's
+    ``mean``/``std``/``size``. A plain callable transform is used as given (bound the images in
+    it if the classifier needs that).
 
-    Side effects on the module given (kept after the wrapper is gone): its parameters get
-    ``requires_grad=False`` (with ``freeze=True``) and it is put in eval mode, and kept there
-    whatever ``.train()`` is later called on the wrapper. Plain callables are used as given.
+    Where the features come from (``f(x)``, docs/method.md §3):
 
-    With ``feature_layer``, a forward hook on that layer records its output only while this
-    wrapper's own forward runs: calling the classifier directly, or through another wrapper,
-    records nothing here. The hook is removed by :meth:`remove` (or on leaving a ``with`` block),
-    and when the wrapper is garbage-collected.
+    * default: the classifier returns ``(logits, features)``;
+    * ``feature_layer="name"``: the output of that sub-module (as in ``named_modules()``), read by
+      a forward hook, e.g. ``"avgpool"`` of a torchvision ResNet (the pooled input of ``fc``);
+    * ``features="timm"``: a timm model's ``forward_head(forward_features(x), pre_logits=True)``
+      (the pooled input of its classifier head), logits from ``forward_head(...)``;
+    * ``features="logits"``: the logits themselves, for a classifier that exposes nothing else
+      (the feature KL then matches tempered class distributions).
+
+    Outputs with spatial dims ([B, C, H, W]) are global-average-pooled to [B, C].
+
+    The wrapper leaves your module as you gave it: parameters keep their ``requires_grad`` and the
+    module keeps its train/eval mode. For the duration of each call, sub-modules in training mode
+    are switched to eval mode (BatchNorm statistics, no dropout) and back, and parameters that
+    require grad are replaced by detached views (``torch.func.functional_call``), so gradients
+    reach the images but no weight gradient is computed or written to ``.grad``. ``.train()`` or
+    ``.eval()`` on the wrapper or a parent does not change the classifier's mode. As for any
+    sub-module, a parent's ``.to(...)`` moves it and a parent's ``state_dict()`` holds its
+    weights. With ``feature_layer``, a forward hook stays registered on that layer while the
+    wrapper lives; it records only while this wrapper's own forward runs (calling the classifier
+    directly, or through another wrapper, records nothing here), and goes with :meth:`remove` (or
+    on leaving a ``with`` block) or when the wrapper is garbage-collected. Plain callables are
+    called as given.
 
     When the classifier's first layer with parameters is an ``nn.Conv2d``, the transformed
     images must have its ``in_channels`` (a ``ValueError`` names both counts).
 
     Args:
         classifier: A module or callable returning ``(logits, features)``, or any ``nn.Module``
-            returning logits when ``feature_layer`` is given.
+            returning logits with ``feature_layer`` or ``features``.
         feature_layer: Name (as in ``named_modules()``) of the layer whose output is the feature
-            vector; outputs with spatial dims are global-average-pooled to [B, D].
-        transform: The input transform (default ``ClassifierTransform()``: [-1, 1] -> [0, 1]).
-        freeze: Turn off ``requires_grad`` of the module's parameters. With ``freeze=False`` a
-            module with trainable parameters is refused. (A plain callable has no parameters to
-            inspect; freezing it is the caller's job.)
+            vector.
+        features: ``"timm"`` or ``"logits"`` (see above), or None (default) for the classifier's
+            ``(logits, features)`` output or ``feature_layer``. Not both with ``feature_layer``.
+        transform: The input transform (default ``ClassifierTransform()``: [-1, 1] -> [0, 1],
+            bounded).
+
+    Raises:
+        TypeError: ``classifier`` is not callable, or ``features="timm"`` without timm's
+            ``forward_features``/``forward_head(..., pre_logits=...)``.
+        ValueError: An unknown ``feature_layer`` (the message lists likely layers) or
+            ``features`` value, or both given.
 
     Example:
         >>> import torch
@@ -267,8 +340,11 @@ class FrozenClassifier(nn.Module):
         ...     logits, feats = clf(torch.randn(4, 3, 2, 2))
         >>> logits.shape, feats.shape
         (torch.Size([4, 10]), torch.Size([4, 8]))
-        >>> paper = FrozenClassifier(net, transform=ClassifierTransform(output_range=(-1, 1)),
-        ...                          feature_layer="2")
+        >>> net.training, net[1].weight.requires_grad                # left as given
+        (True, True)
+        >>> by_logits = FrozenClassifier(net, features="logits")    # f(x) = the 10 logits
+        >>> paper = FrozenClassifier(net, feature_layer="2",
+        ...                          transform=ClassifierTransform(output_range=(-1, 1), clamp=False))
     """
 
     def __init__(
@@ -276,8 +352,8 @@ class FrozenClassifier(nn.Module):
         classifier: nn.Module | Callable[[Tensor], Any],
         *,
         feature_layer: str | None = None,
+        features: str | None = None,
         transform: ClassifierTransform | Callable[[Tensor], Tensor] | None = None,
-        freeze: bool = True,
     ) -> None:
         super().__init__()
         if not callable(classifier):
@@ -286,30 +362,40 @@ class FrozenClassifier(nn.Module):
             raise TypeError(f"transform must be a ClassifierTransform or callable; got {type(transform).__name__}")
         if feature_layer is not None and not isinstance(feature_layer, str):
             raise TypeError(f"feature_layer must be a module name (str); got {type(feature_layer).__name__}")
-        if not isinstance(freeze, bool):
-            raise ValueError(f"freeze must be True or False; got {freeze!r}")
+        if features is not None and features not in _FEATURE_SOURCES:
+            raise ValueError(
+                f"features must be None, {' or '.join(map(repr, _FEATURE_SOURCES))}; got {features!r} "
+                "(a layer of the classifier is given with feature_layer=<name>)"
+            )
+        if features is not None and feature_layer is not None:
+            raise ValueError(
+                f"give feature_layer or features, not both; got feature_layer={feature_layer!r} and "
+                f"features={features!r}"
+            )
+        if features == "timm":
+            missing = [n for n in ("forward_features", "forward_head") if not callable(getattr(classifier, n, None))]
+            if not isinstance(classifier, nn.Module) or missing:
+                raise TypeError(
+                    'features="timm" needs an nn.Module with forward_features(x) and '
+                    f"forward_head(x, pre_logits=...) (timm's API); {type(classifier).__name__} lacks "
+                    f"{' and '.join(missing) or 'nn.Module'}"
+                )
+            if not _accepts_keyword(classifier.forward_head, "pre_logits"):  # type: ignore[union-attr]
+                raise TypeError('features="timm" needs forward_head(x, pre_logits=True) (timm\'s API)')
         self._slot: list[Tensor] | None = None
         self._detach: weakref.finalize | None = None
         self._hooked = False
         self._first_layer: tuple[str, int] | None = None
         if isinstance(classifier, nn.Module):
-            # Check everything before touching the user's module.
             layer = None
             if feature_layer is not None:
                 layer = dict(classifier.named_modules()).get(feature_layer)
                 if layer is None:
                     raise _feature_layer_error(feature_layer, classifier)
-            trainable = [n for n, p in classifier.named_parameters() if p.requires_grad]
-            if not freeze and trainable:
-                raise ValueError(
-                    "classifier must be frozen: parameters "
-                    f"{', '.join(trainable[:3])}{'...' if len(trainable) > 3 else ''} require grad "
-                    "(pass freeze=True or call classifier.requires_grad_(False))"
-                )
-            classifier.requires_grad_(False)
-            classifier.eval()
             self.classifier: nn.Module | None = classifier
-            self._fn: Callable[[Tensor], Any] | None = None  # the module is called as self.classifier
+            self._fn: Callable[[Tensor], Any] | None = None
+            # Not registered (the classifier already is): it shares the classifier, it does not own it.
+            object.__setattr__(self, "_run", _ClassifierCall(classifier, features))
             self._first_layer = _first_layer_channels(classifier)
             if layer is not None:
                 self._attach(layer)
@@ -319,6 +405,7 @@ class FrozenClassifier(nn.Module):
             self.classifier = None
             self._fn = classifier
         self.feature_layer = feature_layer
+        self.features = features
         self.transform: ClassifierTransform | Callable[[Tensor], Tensor] = (
             ClassifierTransform() if transform is None else transform
         )
@@ -346,8 +433,8 @@ class FrozenClassifier(nn.Module):
     def remove(self) -> None:
         """Remove the ``feature_layer`` hook from the classifier (idempotent).
 
-        The wrapper cannot be called afterwards; a classifier that returns ``(logits, features)``
-        has no hook and is unaffected.
+        The wrapper cannot be called afterwards; a classifier without ``feature_layer`` has no
+        hook and is unaffected.
         """
         if self._detach is not None:
             self._detach()
@@ -360,14 +447,31 @@ class FrozenClassifier(nn.Module):
         self.remove()
 
     def train(self, mode: bool = True) -> FrozenClassifier:
-        # The classifier stays in eval mode (BatchNorm statistics, no dropout) whatever the parent does.
-        super().train(mode)
-        if self.classifier is not None:
-            self.classifier.eval()
+        # The classifier's mode is its owner's: its forward runs in eval mode whatever it is.
+        if not isinstance(mode, bool):
+            raise ValueError(f"training mode is expected to be boolean; got {mode!r}")
+        self.training = mode
+        for child in self.children():
+            if child is not self.classifier:
+                child.train(mode)
         return self
 
     def _call(self, x: Tensor) -> Any:
-        return self.classifier(x) if self.classifier is not None else self._fn(x)  # type: ignore[misc]
+        if self.classifier is None:
+            return self._fn(x)  # type: ignore[misc]
+        # Eval mode for this call only; the owner's flags come back afterwards, even on error.
+        switched = [m for m in self.classifier.modules() if m.training]
+        for m in switched:
+            m.training = False
+        try:
+            # Detached views of trainable weights: gradients reach x, never the weights.
+            detached = {f"net.{n}": p.detach() for n, p in self.classifier.named_parameters() if p.requires_grad}
+            if detached:
+                return functional_call(self._run, detached, (x,))
+            return self._run(x)
+        finally:
+            for m in switched:
+                m.training = True
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``(logits [B, K], features [B, D])`` of ``images`` (in the transform's input range)."""
@@ -393,12 +497,18 @@ class FrozenClassifier(nn.Module):
             features = slot[-1]  # the last call, for a layer used more than once
             if isinstance(logits, (tuple, list)):
                 logits = logits[0]
+        elif self.features == "logits":
+            logits = self._call(x)
+            if isinstance(logits, (tuple, list)):
+                logits = logits[0]
+            features = logits
         else:
             out = self._call(x)
             if not isinstance(out, (tuple, list)) or len(out) < 2:
                 raise TypeError(
                     "classifier returned no features: it must return (logits, features), or pass "
-                    "feature_layer=<name of the penultimate pooled layer>"
+                    "feature_layer=<name of the penultimate pooled layer>, features='timm' (a timm "
+                    "model) or features='logits'"
                 )
             logits, features = out[0], out[1]
         if not isinstance(features, Tensor) or not isinstance(logits, Tensor):
@@ -413,4 +523,4 @@ class FrozenClassifier(nn.Module):
         return logits, features
 
     def extra_repr(self) -> str:
-        return f"feature_layer={self.feature_layer!r}, transform={self.transform!r}"
+        return f"feature_layer={self.feature_layer!r}, features={self.features!r}, transform={self.transform!r}"

@@ -68,7 +68,7 @@ def test_direct_calls_of_the_classifier_capture_nothing():
     assert probe.alive() == 0  # no wrapper kept any of the 100 feature tensors
     # The wrappers still work afterwards and read the right layer.
     logits, feats = wrappers[0](x)
-    torch.testing.assert_close(feats, net[:4]((x + 1) / 2))
+    torch.testing.assert_close(feats, net[:4](((x + 1) / 2).clamp(0, 1)))
 
 
 def test_two_wrappers_on_one_backbone_keep_memory_flat_over_200_steps():
@@ -143,7 +143,8 @@ def test_copied_and_pickled_wrappers_attach_their_own_hook():
 def test_same_module_sees_the_same_input_through_every_wrapper(x):
     x = x.float()
     y = torch.zeros_like(x)
-    for transform, expected in ((None, (x + 1) / 2), (ClassifierTransform(output_range=(-1, 1)), x)):
+    paper = ClassifierTransform(output_range=(-1, 1), clamp=False)
+    for transform, expected in ((None, ((x + 1) / 2).clamp(0, 1)), (paper, x)):
         seen = []
         for wrap in (FrozenClassifier, ClassifierFeatureLoss, CFDLoss):
             module = Recorder()
@@ -152,7 +153,7 @@ def test_same_module_sees_the_same_input_through_every_wrapper(x):
             seen.append(module.seen[-1])
         for s in seen:
             torch.testing.assert_close(s, expected, rtol=1e-6, atol=1e-6)
-    assert ClassifierTransform(output_range=(-1, 1))(x) is x  # the paper's setting: raw images
+    assert paper(x) is x  # the paper's setting: raw, unbounded images
 
 
 def test_transform_normalises_its_fields_and_refuses_non_finite_values():
@@ -247,21 +248,50 @@ def test_options_of_a_frozen_classifier_are_not_accepted_twice():
             make(net, mean=(0.5,) * 3)  # normalisation belongs to the transform
 
 
-def test_frozen_classifier_documents_its_side_effects():
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
-    clf = FrozenClassifier(net, feature_layer="3")
-    assert not any(p.requires_grad for p in net.parameters()) and not net.training
-    clf.train()
-    assert not net.training
+def test_wrapper_leaves_the_module_as_given_and_runs_it_in_eval_mode():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 3))
+    net[2].eval()  # a sub-module the owner keeps in eval mode stays so
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    modes = [m.training for m in net.modules()]
+    loss = CFDLoss(net, feature_layer="4", beta=0.5)
+    x_hat = torch.rand(6, 3, 8, 8, requires_grad=True) * 2 - 1
+    x_hat.retain_grad()
+    loss(x_hat, torch.rand(6, 3, 8, 8) * 2 - 1).loss.backward()
+    # Gradients reach the images, never the weights; the module's flags are as given.
+    assert x_hat.grad is not None and float(x_hat.grad.abs().sum()) > 0
+    assert all(p.requires_grad and p.grad is None for p in net.parameters())
+    assert [m.training for m in net.modules()] == modes
+    # It ran in eval mode: running statistics unchanged, no dropout (the same output twice).
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    clf = loss.feature_loss.classifier
+    net.train()  # the owner switches dropout on too: the wrapper's pass still has none
+    x = torch.rand(4, 3, 8, 8) * 2 - 1
+    reference = copy.deepcopy(net).eval()((x + 1) / 2)
+    torch.testing.assert_close(clf(x)[0], reference)
+    torch.testing.assert_close(clf(x)[0], reference)
+    # .train()/.eval() on the wrapper or a parent leave the classifier's mode alone.
+    loss.eval()
+    assert net.training and not loss.training and not clf.training
+    loss.train()
+    assert loss.training and all(m.training for m in net.modules())
+    # Parameters that do not require grad are used directly; the result is the same.
+    frozen = copy.deepcopy(net).requires_grad_(False)
+    torch.testing.assert_close(FrozenClassifier(frozen, feature_layer="4")(x)[1], clf(x)[1])
+    # Restored even when the forward fails.
+    with pytest.raises(ValueError, match="channels"):
+        clf(torch.zeros(2, 1, 8, 8))
+    assert [m.training for m in net.modules()] == [True] * len(modes)
     doc = FrozenClassifier.__doc__
-    assert "requires_grad=False" in doc and "eval mode" in doc
+    assert "leaves your module as you gave it" in doc and "eval mode" in doc
 
 
 def test_spatial_features_are_global_average_pooled():
     net = backbone()
     x = torch.randn(3, 3, 5, 5)
     feats = FrozenClassifier(net, feature_layer="1")(x)[1]  # the ReLU's [B, 8, 5, 5] output
-    torch.testing.assert_close(feats, net[:2]((x + 1) / 2).mean((2, 3)))
+    torch.testing.assert_close(feats, net[:2](((x + 1) / 2).clamp(0, 1)).mean((2, 3)))
 
 
 @pytest.mark.slow
@@ -277,8 +307,157 @@ def test_feature_layer_loss_compiles_fullgraph():
     (expected_grad,) = torch.autograd.grad(expected, x_hat)
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(grad, expected_grad)
-    f = lambda z: net[:2]((z + 1) / 2).mean((2, 3))  # noqa: E731
+    f = lambda z: net[:2](((z + 1) / 2).clamp(0, 1)).mean((2, 3))  # noqa: E731
     torch.testing.assert_close(expected, feature_kl_loss(f(x_hat), f(x_tilde), temperature=0.9))
     probe = Probe(net[1])
     net(x_hat)  # a direct call after compiled ones records nothing in the wrapper
     assert probe.alive() == 0
+
+
+# ------------------------------------------------------------------- the bound on the input range
+def test_bound_keeps_inside_gradients_exact_and_zeroes_outside_ones():
+    """The default transform clamps both images to [-1, 1]: inside, values and gradients are those
+    of the unbounded loss on the clamped images, bit for bit; outside, the gradient is 0."""
+    torch.manual_seed(0)
+    net = backbone().double()
+    bounded = ClassifierFeatureLoss(net, feature_layer="3", temperature=0.9)
+    unbounded = ClassifierFeatureLoss(net, feature_layer="3", temperature=0.9,
+                                      transform=ClassifierTransform(clamp=False))
+    x_hat = (torch.randn(4, 3, 6, 6, dtype=torch.float64) * 2).requires_grad_(True)
+    x_tilde = torch.randn(4, 3, 6, 6, dtype=torch.float64) * 2
+    inside = x_hat.detach().abs() <= 1
+    assert 0.2 < float(inside.double().mean()) < 0.8  # both kinds of pixel are present
+    (grad,) = torch.autograd.grad(bounded(x_hat, x_tilde), x_hat)
+    clamped = x_hat.detach().clamp(-1, 1).requires_grad_(True)
+    value = unbounded(clamped, x_tilde.clamp(-1, 1))  # the target is bounded as well
+    (reference,) = torch.autograd.grad(value, clamped)
+    assert torch.equal(bounded(x_hat, x_tilde), value)
+    assert torch.equal(grad[inside], reference[inside])
+    assert bool((grad[~inside] == 0).all()) and bool((grad[inside] != 0).any())
+    # The bound has one owner, the transform: without it the loss feeds the raw images.
+    assert not torch.equal(unbounded(x_hat, x_tilde), value)
+    seen = Recorder()
+    ClassifierFeatureLoss(seen, transform=ClassifierTransform(clamp=False))(x_hat.float(), x_tilde.float())
+    torch.testing.assert_close(seen.seen[-1], (x_hat.detach().float() + 1) / 2)
+    assert float(seen.seen[-1].max()) > 1
+    assert ClassifierTransform().describe()["clamp"] is True
+
+
+# ------------------------------------------------------------------------- any classifier
+class TorchvisionLike(nn.Module):
+    """torchvision's ResNet layout: ``avgpool`` ([B, C, 1, 1]) then ``flatten`` in forward, then ``fc``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.avgpool(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(x, 1))
+
+
+class TimmLike(nn.Module):
+    """timm's API: ``forward_features`` (unpooled), ``forward_head(x, pre_logits=False)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+        self.head_drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(8, 5)
+
+    def forward_features(self, x):
+        return torch.relu(self.norm(self.stem(x)))
+
+    def forward_head(self, x, pre_logits: bool = False):
+        x = self.head_drop(x.mean((2, 3)))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def test_torchvision_style_classifier_reads_the_pooled_input_of_fc():
+    torch.manual_seed(0)
+    net = TorchvisionLike()
+    x = torch.rand(3, 3, 6, 6) * 2 - 1
+    logits, feats = FrozenClassifier(net, feature_layer="avgpool")(x)
+    reference = copy.deepcopy(net).eval()
+    inputs = []
+    reference.fc.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+    torch.testing.assert_close(logits, reference((x + 1) / 2))
+    torch.testing.assert_close(feats, inputs[-1])  # [B, 8, 1, 1] pooled to [B, 8]: fc's input
+    assert feats.shape == (3, 8)
+
+
+def test_timm_style_classifier_gives_pre_logits_features_and_gradients_to_the_images_only():
+    torch.manual_seed(0)
+    net = TimmLike()  # train mode, trainable: as a user may pass it
+    clf = FrozenClassifier(net, features="timm")
+    x = (torch.rand(4, 3, 6, 6) * 2 - 1).requires_grad_(True)
+    logits, feats = clf(x)
+    reference = copy.deepcopy(net).eval()
+    h = reference.forward_features((x.detach() + 1) / 2)
+    torch.testing.assert_close(feats, reference.forward_head(h, pre_logits=True))
+    torch.testing.assert_close(logits, reference((x.detach() + 1) / 2))
+    (logits.sum() + feats.sum()).backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    assert all(p.requires_grad and p.grad is None for p in net.parameters())
+    assert net.training and net.head_drop.training  # modes as given; the call ran without dropout
+    loss = CFDLoss(net, features="timm", beta=0.1)
+    assert bool(torch.isfinite(loss(x, torch.zeros_like(x)).loss))
+    with pytest.raises(TypeError, match="forward_features"):
+        FrozenClassifier(backbone(), features="timm")
+
+    class NoPreLogits(TimmLike):
+        def forward_head(self, x):  # type: ignore[override]
+            return self.fc(x.mean((2, 3)))
+
+    with pytest.raises(TypeError, match="pre_logits"):
+        FrozenClassifier(NoPreLogits(), features="timm")
+
+
+def test_logits_only_classifier_uses_its_logits_when_told_so():
+    torch.manual_seed(0)
+    net = backbone()
+    x = torch.rand(3, 3, 6, 6) * 2 - 1
+    logits, feats = FrozenClassifier(net, features="logits")(x)
+    torch.testing.assert_close(logits, net((x + 1) / 2))
+    assert feats is logits
+    loss = ClassifierFeatureLoss(net, features="logits", temperature=0.9)
+    y = torch.rand(3, 3, 6, 6) * 2 - 1
+    torch.testing.assert_close(loss(x, y), feature_kl_loss(net((x + 1) / 2), net((y + 1) / 2), temperature=0.9))
+    # A logits-only module without either option is refused with the ways out named.
+    with pytest.raises(TypeError, match="feature_layer=.*features='timm'.*features='logits'"):
+        FrozenClassifier(net)(x)
+    with pytest.raises(ValueError, match="features must be None, 'timm' or 'logits'; got 'pool'"):
+        FrozenClassifier(net, features="pool")
+    with pytest.raises(ValueError, match="feature_layer or features, not both"):
+        FrozenClassifier(net, feature_layer="3", features="logits")
+    with pytest.raises(ValueError, match="features must be None when classifier is a FrozenClassifier"):
+        CFDLoss(FrozenClassifier(net, features="logits"), features="logits")
+    # A plain callable can give its logits too.
+    fn_logits, fn_feats = FrozenClassifier(lambda z: z.mean((2, 3)), features="logits")(x)
+    assert fn_feats is fn_logits and fn_logits.shape == (3, 3)
+
+
+@pytest.mark.slow
+def test_timm_features_in_train_mode_compile_fullgraph():
+    """Eval mode for the call and detached trainable weights trace into one graph."""
+    torch.manual_seed(0)
+    net = TimmLike()
+    loss_fn = CFDLoss(net, features="timm", beta=0.1)
+    x_hat = (torch.rand(4, 3, 6, 6) * 2 - 1).requires_grad_(True)
+    x_tilde = torch.rand(4, 3, 6, 6) * 2 - 1
+    weight = torch.tensor([1.0, 0.0, 0.5, 1.0])
+    compiled = torch.compile(lambda a, b, w: loss_fn(a, b, weight=w).loss, fullgraph=True)
+    loss = compiled(x_hat, x_tilde, weight)
+    (grad,) = torch.autograd.grad(loss, x_hat)
+    expected = loss_fn(x_hat, x_tilde, weight=weight).loss
+    (expected_grad,) = torch.autograd.grad(expected, x_hat)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, expected_grad)
+    assert net.training and all(p.requires_grad and p.grad is None for p in net.parameters())

@@ -185,16 +185,17 @@ def test_three_classifier_forms_agree():
     torch.testing.assert_close(FrozenClassifier(module_tuple)(x)[1], f1)
 
 
-def test_classifier_is_frozen_and_stays_in_eval():
+def test_classifier_gets_no_gradient_and_keeps_its_flags():
     clf = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
     loss = ClassifierFeatureLoss(clf, feature_layer="3")
-    assert not any(p.requires_grad for p in clf.parameters())
-    loss.train()
-    assert not clf.training and loss.training
-    with pytest.raises(ValueError, match="classifier must be frozen"):
-        FrozenClassifier(TupleClassifier(), freeze=False)
-    frozen = TupleClassifier().requires_grad_(False)
-    ClassifierFeatureLoss(FrozenClassifier(frozen, freeze=False))
+    x_hat = torch.rand(2, 3, 6, 6, requires_grad=True)
+    loss(x_hat, torch.rand(2, 3, 6, 6)).backward()
+    assert all(p.requires_grad and p.grad is None for p in clf.parameters())
+    assert clf.training and x_hat.grad is not None
+    loss.eval()
+    assert clf.training and not loss.training
+    with pytest.raises(TypeError):
+        FrozenClassifier(TupleClassifier(), freeze=False)  # nothing to freeze: the module is left as given
 
 
 def test_teacher_side_has_no_graph_and_gradients_flow_to_student():
@@ -235,9 +236,9 @@ def test_cfd_loss_combines_terms():
     x_hat, x_tilde = torch.randn(4, 3, 8, 8, requires_grad=True), torch.randn(4, 3, 8, 8)
     pixel = (x_hat - x_tilde).square().mean()
     out = cfd(x_hat, x_tilde, pixel_loss=pixel)
-    # The default transform maps the diffusion range [-1, 1] to [0, 1].
-    logits, f_s = clf((x_hat + 1) / 2)
-    _, f_t = clf((x_tilde + 1) / 2)
+    # The default transform maps [-1, 1] to [0, 1] and bounds the images there.
+    logits, f_s = clf(((x_hat + 1) / 2).clamp(0, 1))
+    _, f_t = clf(((x_tilde + 1) / 2).clamp(0, 1))
     feat = feature_kl_loss(f_s, f_t, temperature=0.9)
     data, h, dv = dataset_oriented_loss(logits, gamma=0.6)
     torch.testing.assert_close(out.feature_loss, feat)
@@ -397,3 +398,142 @@ def test_empty_batch_is_refused_by_every_loss():
     for call in calls:
         with pytest.raises(ValueError, match=r"input must have at least one row \(B >= 1\)"):
             call()
+
+
+# ------------------------------------------------------------------------- per-sample weights
+def _cfd_pair(seed: int = 0, b: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    x_hat = (torch.rand(b, 3, 6, 6, generator=g, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+    x_tilde = torch.rand(b, 3, 6, 6, generator=g, dtype=torch.float64) * 2 - 1
+    torch.manual_seed(seed)
+    return CFDLoss(TupleClassifier().double(), temperature=0.9, beta=0.5, gamma=0.4), x_hat, x_tilde
+
+
+def _terms(out):
+    return torch.stack([out.loss, out.feature_loss, out.data_loss, out.entropy, out.diversity])
+
+
+def test_weight_of_ones_is_the_unweighted_loss():
+    cfd, x_hat, x_tilde = _cfd_pair()
+    ones = torch.ones(6, dtype=torch.float64)
+    torch.testing.assert_close(_terms(cfd(x_hat, x_tilde, weight=ones)), _terms(cfd(x_hat, x_tilde)), rtol=1e-14, atol=1e-15)
+    for reduction in ("batchmean", "mean", "sum", "none"):
+        loss = ClassifierFeatureLoss(cfd.feature_loss.classifier, temperature=0.9, reduction=reduction)
+        torch.testing.assert_close(loss(x_hat, x_tilde, weight=ones), loss(x_hat, x_tilde), rtol=1e-14, atol=1e-15)
+    # A bool gate is the same as its float version.
+    gate = torch.tensor([True, False, True, True, False, True])
+    torch.testing.assert_close(_terms(cfd(x_hat, x_tilde, weight=gate)), _terms(cfd(x_hat, x_tilde, weight=gate.double())))
+
+
+def test_gate_is_the_kept_fraction_times_the_loss_of_the_kept_samples():
+    cfd, x_hat, x_tilde = _cfd_pair()
+    gate = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    kept = gate.bool()
+    out = cfd(x_hat, x_tilde, weight=gate)
+    alone = cfd(x_hat[kept], x_tilde[kept])
+    torch.testing.assert_close(_terms(out), 0.5 * _terms(alone), rtol=1e-12, atol=1e-14)  # 3 of 6 kept
+    (grad,) = torch.autograd.grad(out.loss, x_hat)
+    assert bool((grad[~kept] == 0).all()) and bool((grad[kept] != 0).any())
+    # Linear in the weight: scaling it scales every term.
+    torch.testing.assert_close(_terms(cfd(x_hat, x_tilde, weight=3 * gate)), 3 * _terms(out), rtol=1e-12, atol=1e-14)
+
+
+def test_weighted_terms_follow_the_documented_formulas():
+    cfd, x_hat, x_tilde = _cfd_pair()
+    w = torch.tensor([0.2, 1.0, 0.0, 2.5, 0.7, 1.3], dtype=torch.float64)
+    out = cfd(x_hat, x_tilde, weight=w)
+    clf = cfd.feature_loss.classifier
+    logits, f_s = clf(x_hat)
+    _, f_t = clf(x_tilde)
+    kl = feature_kl_loss(f_s, f_t, temperature=0.9, reduction="none").sum(-1)
+    p = torch.softmax(logits, -1)
+    h = -(p * torch.log_softmax(logits, -1)).sum(-1)
+    pbar = (w[:, None] * p).sum(0) / w.sum()
+    dv = w.mean() * (pbar * pbar.log()).sum()
+    torch.testing.assert_close(out.feature_loss, (w * kl).mean())
+    torch.testing.assert_close(out.entropy, (w * h).mean())
+    torch.testing.assert_close(out.diversity, dv)
+    torch.testing.assert_close(out.loss, (w * kl).mean() + 0.5 * (0.4 * (w * h).mean() + 0.6 * dv))
+    none = ClassifierFeatureLoss(clf, temperature=0.9, reduction="none")(x_hat, x_tilde, weight=w)
+    torch.testing.assert_close(none, w[:, None] * feature_kl_loss(f_s, f_t, temperature=0.9, reduction="none"))
+    for reduction, reduce in (("sum", torch.sum), ("mean", torch.mean)):
+        loss = ClassifierFeatureLoss(clf, temperature=0.9, reduction=reduction)
+        torch.testing.assert_close(loss(x_hat, x_tilde, weight=w), reduce(none))
+    weighted = lambda x: cfd(x, x_tilde, weight=w).loss  # noqa: E731
+    assert torch.autograd.gradcheck(weighted, (x_hat,))
+    logits = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: DatasetOrientedLoss(gamma=0.3)(z, weight=w), (logits,))
+
+
+def test_all_zero_weights_give_zero_and_finite_zero_gradients():
+    cfd, x_hat, x_tilde = _cfd_pair()
+    out = cfd(x_hat, x_tilde, weight=torch.zeros(6, dtype=torch.float64))
+    assert bool((_terms(out) == 0).all())
+    (grad,) = torch.autograd.grad(out.loss, x_hat)
+    assert bool((grad == 0).all())
+    # -inf logits and zero weights together stay finite too.
+    logits = EXTREME.clone().requires_grad_(True)
+    for w in (torch.zeros(4, dtype=torch.float64), torch.tensor([0.0, 1.0, 0.0, 2.0], dtype=torch.float64)):
+        value, grad = _value_and_grad(lambda z, w=w: DatasetOrientedLoss(gamma=0.5)(z, weight=w), logits)
+        assert bool(torch.isfinite(value)) and bool(torch.isfinite(grad).all())
+        assert bool((grad[w == 0] == 0).all())
+
+
+def test_bad_weights_are_refused_by_name():
+    cfd, x_hat, x_tilde = _cfd_pair()
+    for bad in (torch.ones(6, 1), torch.ones(1), torch.ones(()), torch.ones(7), torch.ones(2, 3)):
+        with pytest.raises(ValueError, match=r"weight must have shape \[6\] \(one value per sample\)"):
+            cfd(x_hat, x_tilde, weight=bad)
+    with pytest.raises(ValueError, match=r"weight must have shape \[6\]"):
+        DatasetOrientedLoss()(torch.zeros(6, 3), weight=torch.ones(5))
+    for bad in (torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0, 1.0]), torch.tensor([1.0, float("nan"), 1, 1, 1, 1])):
+        with pytest.raises(ValueError, match="weight must hold finite values >= 0"):
+            cfd(x_hat, x_tilde, weight=bad)
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor; got list"):
+        cfd(x_hat, x_tilde, weight=[1.0] * 6)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="weight must be a real"):
+        cfd(x_hat, x_tilde, weight=torch.ones(6, dtype=torch.complex64))
+
+
+def test_weighted_diversity_over_processes_equals_the_whole_batch(monkeypatch):
+    """With sync_global, the gathered weighted class mix and mean weight are the global batch's."""
+    import kdiff.losses as losses_module
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    w = torch.tensor([0.0, 1.0, 2.0, 0.5, 0.0, 1.5, 1.0], dtype=torch.float64)
+    whole = DatasetOrientedLoss(gamma=0.0)(logits, weight=w)  # Dv alone
+    parts = ((logits[:3], w[:3]), (logits[3:], w[3:]))  # unequal shares, as processes may have
+    sent = {}
+    monkeypatch.setattr(losses_module, "world_size", lambda group=None: 2)
+    monkeypatch.setattr(losses_module, "all_gather_with_grad", lambda t, group=None: sent.setdefault("t", t).unsqueeze(0).expand(2, -1))
+    DatasetOrientedLoss(gamma=0.0, sync_global=True)(*parts[1][:1], weight=parts[1][1])
+    other = sent.pop("t").detach()
+    monkeypatch.setattr(losses_module, "all_gather_with_grad", lambda t, group=None: torch.stack([t, other]))
+    local = DatasetOrientedLoss(gamma=0.0, sync_global=True)(parts[0][0], weight=parts[0][1])
+    torch.testing.assert_close(local, whole)
+
+
+def test_snr_gate_keeps_the_log_snr_range():
+    from kdiff import DiscreteSchedule
+    from kdiff.losses import snr_gate
+
+    schedule = DiscreteSchedule.linear(1000)
+    t = torch.arange(0, 1001, 50)
+    alpha, sigma = schedule.alpha_sigma(t, dtype=torch.float64)
+    logsnr = schedule.logsnr(t).to(torch.float64)
+    torch.testing.assert_close(snr_gate(alpha, sigma, min_logsnr=-5.0), (logsnr >= -5).double())
+    both = snr_gate(alpha, sigma, min_logsnr=-5.0, max_logsnr=2.0)
+    torch.testing.assert_close(both, ((logsnr >= -5) & (logsnr <= 2)).double())
+    assert 0 < float(both.sum()) < len(t)
+    a, s = torch.tensor([0.6, 1.0, 0.0]), torch.tensor([0.8, 0.0, 1.0])  # logSNR 2 log(3/4), +inf, -inf
+    assert snr_gate(a, s, min_logsnr=2 * math.log(0.75)).tolist() == [1.0, 1.0, 0.0]  # bounds are inclusive
+    assert snr_gate(a, s, max_logsnr=0.0).tolist() == [1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="give min_logsnr, max_logsnr or both"):
+        snr_gate(a, s)
+    with pytest.raises(ValueError, match="min_logsnr must be <= max_logsnr"):
+        snr_gate(a, s, min_logsnr=1.0, max_logsnr=0.0)
+    with pytest.raises(ValueError, match="max_logsnr must be a finite number"):
+        snr_gate(a, s, max_logsnr=float("nan"))
+    with pytest.raises(ValueError, match="alpha_t and sigma_t must have the same shape"):
+        snr_gate(a, s[:2], min_logsnr=0.0)
