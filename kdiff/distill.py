@@ -10,6 +10,10 @@
 * calling the distiller does all of it plus the student's forward pass and the weighted PD loss
   (a :class:`DistillationOutput`). CFD reuses the target image and the student's x-prediction
   from the same output, so nothing is computed twice.
+
+With ``impl`` resolving to Triton (CUDA tensors under ``impl="auto"``), a call fuses what follows
+the teacher's two network calls: the second half-step, the target and the weighted loss run as
+one :func:`kdiff.ops.pd_target_loss` pass.
 """
 
 from __future__ import annotations
@@ -25,13 +29,22 @@ from torch import Tensor
 from ._validation import (
     check_batch,
     check_bool,
+    check_choice,
     check_finite,
     check_model_output,
     check_same_shape,
     check_tensor,
     value_checks_enabled,
 )
-from .functional import add_noise, ddim_step_coeffs, pd_loss, pd_target, resolve_weighting
+from .functional import (
+    add_noise,
+    ddim_step_coeffs,
+    ddim_update,
+    pd_loss,
+    pd_target,
+    resolve_weighting,
+)
+from .ops import IMPLS, pd_target_loss, resolve_impl
 from .parameterization import normalize_prediction_type, to_x_eps
 from .schedules import NoiseSchedule
 
@@ -149,10 +162,19 @@ class ProgressiveDistiller:
             :func:`kdiff.functional.resolve_weighting`. The resolved name is :attr:`weighting`.
         clip_teacher_x: Clip the teacher's ``x_hat`` to [-1, 1] in its half-steps (off in PD);
             the same clipping as ``ddim_step(..., clip_x=True)``.
+        impl: How calling the distiller computes the target and the loss: ``"auto"`` (default),
+            ``"torch"`` or ``"triton"``, resolved per call by :func:`kdiff.ops.resolve_impl` on
+            ``x``. On the Triton path the teacher still runs at ``(z_t, t)`` and, after the first
+            half-step in torch, at ``(z_t', t')``; :func:`kdiff.ops.pd_target_loss` then fuses the
+            second half-step, ``x_tilde``/``eps_tilde`` and the weighted loss, and ``z_t''`` is
+            recovered as ``alpha_t'' x_tilde + sigma_t'' eps_tilde``. ``"auto"`` takes it for CUDA
+            tensors (not float64, not under ``torch.compile``) and the torch path everywhere
+            else, CPU included; ``"triton"`` raises a ``ValueError`` where the kernel cannot run.
+            :meth:`target` always runs the torch path (it has no loss to fuse).
 
     Raises:
         ValueError: On a step count the schedule refuses, grids that are not nested, or a bad
-            prediction type or weighting.
+            prediction type, weighting or ``impl``.
 
     Example:
         >>> import torch
@@ -181,6 +203,7 @@ class ProgressiveDistiller:
         student_prediction: str,
         weighting: str = "auto",
         clip_teacher_x: bool = False,
+        impl: str = "auto",
     ) -> None:
         if not callable(teacher):
             raise TypeError(f"teacher must be callable; got {type(teacher).__name__}")
@@ -192,6 +215,7 @@ class ProgressiveDistiller:
         # The teacher samples with 2N steps on the same schedule.
         schedule.check_num_steps(2 * num_student_steps, name="2 * num_student_steps (teacher steps)")
         check_bool("clip_teacher_x", clip_teacher_x)
+        check_choice("impl", impl, IMPLS)
         self.teacher = teacher
         self.student = student
         self.schedule = schedule
@@ -202,6 +226,7 @@ class ProgressiveDistiller:
         self.weighting = resolve_weighting(weighting, self.student_prediction, stacklevel=3)
         self._requested_weighting = weighting
         self.clip_teacher_x = clip_teacher_x
+        self.impl = impl
         self._grid = schedule.grid(num_student_steps).to(torch.float64).cpu()
         self._teacher_grid = schedule.grid(2 * num_student_steps).to(torch.float64).cpu()
         self._check_grids()
@@ -334,7 +359,9 @@ class ProgressiveDistiller:
 
         Draws what is not given (:meth:`sample_times`, then :meth:`sample_noise`), computes the
         target (:meth:`target`), runs the student at ``(z_t, t)`` and weighs its error with
-        :func:`kdiff.functional.pd_loss`.
+        :func:`kdiff.functional.pd_loss`; on the Triton path (see ``impl``) the part after the
+        teacher's network calls is one :func:`kdiff.ops.pd_target_loss` pass with the same results
+        up to float32 rounding.
 
         Args:
             x: Clean data, [B, ...] (e.g. images in [-1, 1]).
@@ -359,12 +386,10 @@ class ProgressiveDistiller:
             noise = self.sample_noise(x, generator=generator)
         else:
             self._check_noise(noise, x)
+        if resolve_impl(self.impl, x, op="ProgressiveDistiller") == "triton":
+            return self._fused_call(x, t, noise, kwargs)
         tgt = self._target(x, t, noise, kwargs)
-        dtype = x.dtype
-        student_output = check_model_output(
-            "student output", self.student(tgt.z_t, _model_time(t, dtype), **kwargs), tgt.z_t.shape
-        )
-        x_hat, eps_hat = to_x_eps(student_output.to(dtype), tgt.z_t, tgt.alpha_t, tgt.sigma_t, self.student_prediction)
+        student_output, x_hat, eps_hat = self._student(tgt.z_t, t, tgt.alpha_t, tgt.sigma_t, x.dtype, kwargs)
         per_sample = pd_loss(x_hat, tgt.x_target, tgt.alpha_t, tgt.sigma_t, weighting=self.weighting, reduction="none")
         return DistillationOutput(
             loss=per_sample.mean(),
@@ -384,6 +409,13 @@ class ProgressiveDistiller:
             sigma_t=tgt.sigma_t,
         )
 
+    def __repr__(self) -> str:
+        return (
+            f"ProgressiveDistiller(num_student_steps={self.num_student_steps}, "
+            f"teacher_prediction={self.teacher_prediction!r}, student_prediction={self.student_prediction!r}, "
+            f"weighting={self.weighting!r}, clip_teacher_x={self.clip_teacher_x}, impl={self.impl!r})"
+        )
+
     # ------------------------------------------------------------------ internals
     def _step_index(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(k, |t - grid(N)[k]|)`` for the nearest student grid point, in ``t``'s float dtype."""
@@ -400,12 +432,60 @@ class ProgressiveDistiller:
         grid, teacher = self._grids(t.device, dtype)
         return teacher[2 * k - 1], grid[k - 1]
 
-    def _target(self, x: Tensor, t: Tensor, noise: Tensor, kwargs: Mapping[str, Any]) -> DistillationTarget:
-        dtype = x.dtype
+    def _times(self, t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """``(t', t'', (alpha_t, sigma_t, alpha_t', sigma_t', alpha_t'', sigma_t''))``."""
         t_mid, t_next = self._mid_next(t)
         a_t, s_t = self.schedule.alpha_sigma(t, dtype=dtype)
         a_m, s_m = self.schedule.alpha_sigma(t_mid, dtype=dtype, name="t_mid")
         a_n, s_n = self.schedule.alpha_sigma(t_next, dtype=dtype, name="t_next")
+        return t_mid, t_next, (a_t, s_t, a_m, s_m, a_n, s_n)
+
+    def _student(
+        self, z_t: Tensor, t: Tensor, a_t: Tensor, s_t: Tensor, dtype: torch.dtype, kwargs: Mapping[str, Any]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The student's raw output at ``(z_t, t)`` and its ``(x_hat, eps_hat)`` in ``dtype`` (``x``'s)."""
+        output = check_model_output("student output", self.student(z_t, _model_time(t, dtype), **kwargs), z_t.shape)
+        x_hat, eps_hat = to_x_eps(output.to(dtype), z_t, a_t, s_t, self.student_prediction)
+        return output, x_hat, eps_hat
+
+    def _fused_call(self, x: Tensor, t: Tensor, noise: Tensor, kwargs: Mapping[str, Any]) -> DistillationOutput:
+        # The teacher's second call needs z_t', so the first half-step stays in torch; the rest of
+        # the chain, the target and the loss are one pd_target_loss pass.
+        t_mid, t_next, (a_t, s_t, a_m, s_m, a_n, s_n) = self._times(t, x.dtype)
+        z_t = add_noise(x, noise, a_t, s_t)
+        with torch.no_grad():
+            out_t = self._teacher_output(z_t, t, kwargs)
+            z_mid = self._ddim(out_t, z_t, a_t, s_t, a_m, s_m)
+            out_mid = self._teacher_output(z_mid, t_mid, kwargs)
+        student_output, x_hat, eps_hat = self._student(z_t, t, a_t, s_t, x.dtype, kwargs)
+        fused = pd_target_loss(
+            x_hat, z_t, out_t, out_mid, a_t, s_t, a_m, s_m, a_n, s_n,
+            teacher_prediction=self.teacher_prediction, clip_x=self.clip_teacher_x,
+            weighting=self.weighting, reduction="none", impl="triton",
+        )
+        with torch.no_grad():
+            # One DDIM step t -> t'' from the target lands on the teacher's z_t'' (pd_target).
+            z_next = ddim_update(fused.x_tilde, fused.eps_tilde, a_n, s_n)
+        return DistillationOutput(
+            loss=fused.loss.mean(),
+            loss_per_sample=fused.loss,
+            t=t,
+            t_mid=t_mid,
+            t_next=t_next,
+            z_t=z_t,
+            z_mid=z_mid,
+            z_next=z_next,
+            x_target=fused.x_tilde,
+            eps_target=fused.eps_tilde,
+            student_output=student_output,
+            x_pred=x_hat,
+            eps_pred=eps_hat,
+            alpha_t=a_t,
+            sigma_t=s_t,
+        )
+
+    def _target(self, x: Tensor, t: Tensor, noise: Tensor, kwargs: Mapping[str, Any]) -> DistillationTarget:
+        t_mid, t_next, (a_t, s_t, a_m, s_m, a_n, s_n) = self._times(t, x.dtype)
         # Outside no_grad: z_t keeps a gradient to x when x has one (the student's input).
         z_t = add_noise(x, noise, a_t, s_t)
         with torch.no_grad():
@@ -427,14 +507,21 @@ class ProgressiveDistiller:
             sigma_next=s_n,
         )
 
-    def _teacher_step(self, z: Tensor, t: Tensor, alpha_t: Tensor, sigma_t: Tensor,
-                      alpha_s: Tensor, sigma_s: Tensor, kwargs: Mapping[str, Any]) -> Tensor:
+    def _teacher_output(self, z: Tensor, t: Tensor, kwargs: Mapping[str, Any]) -> Tensor:
         out = check_model_output("teacher output", self.teacher(z, _model_time(t, z.dtype), **kwargs), z.shape)
+        return out.to(z.dtype)
+
+    def _ddim(self, out: Tensor, z: Tensor, alpha_t: Tensor, sigma_t: Tensor, alpha_s: Tensor, sigma_s: Tensor) -> Tensor:
+        """The teacher's DDIM step ``z_t -> z_s`` from its output ``out`` at ``(z, t)``."""
         z_s, _, _ = ddim_step_coeffs(
-            out.to(z.dtype), z, alpha_t, sigma_t, alpha_s, sigma_s,
+            out, z, alpha_t, sigma_t, alpha_s, sigma_s,
             prediction_type=self.teacher_prediction, clip_x=self.clip_teacher_x,
         )
         return z_s
+
+    def _teacher_step(self, z: Tensor, t: Tensor, alpha_t: Tensor, sigma_t: Tensor,
+                      alpha_s: Tensor, sigma_s: Tensor, kwargs: Mapping[str, Any]) -> Tensor:
+        return self._ddim(self._teacher_output(z, t, kwargs), z, alpha_t, sigma_t, alpha_s, sigma_s)
 
     @staticmethod
     def _kwargs(model_kwargs: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -513,4 +600,5 @@ class ProgressiveDistiller:
             student_prediction=self.student_prediction if student_prediction is None else student_prediction,
             weighting=self._requested_weighting,
             clip_teacher_x=self.clip_teacher_x,
+            impl=self.impl,
         )

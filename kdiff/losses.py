@@ -19,6 +19,12 @@ each term is the fraction of samples kept times the unweighted term over the kep
 and the other samples get exactly zero gradient. Dividing by ``B`` rather than ``sum_i w_i`` keeps
 the loss an unbiased batch estimate of ``E_t[w(t) L(t)]`` whose scale does not depend on how many
 samples a batch happens to keep.
+
+Each module takes ``impl`` ("auto", "torch" or "triton") and computes its unweighted terms with the
+matching :mod:`kdiff.ops` op. ``"auto"`` (default) runs the fused Triton kernels on CUDA tensors
+and otherwise the :mod:`kdiff.functional` maths (all CPU tensors, float64, under
+``torch.compile``), falling back to it silently for what the kernels do not cover: a per-sample
+``weight``. ``"triton"`` refuses that case with a ``ValueError`` instead.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import ops
 from ._validation import (
     check_batch,
     check_choice,
@@ -43,13 +50,9 @@ from ._validation import (
 )
 from .classifier import ClassifierTransform, FrozenClassifier
 from .distributed import all_gather_with_grad, world_size
-from .functional import (
-    _check_rows,
-    _finite_log,
-    _loss_dtype,
-    dataset_oriented_loss,
-    feature_kl_loss,
-)
+from .functional import _check_rows, _finite_log, _loss_dtype
+from .functional import feature_kl_loss as _reference_feature_kl_loss
+from .ops import IMPLS
 
 __all__ = [
     "ClassifierFeatureLoss",
@@ -109,8 +112,17 @@ def _check_weight(weight: object, input: Tensor) -> Tensor:
     return weight
 
 
+def _check_impl_weight(impl: str, weight: Tensor | None) -> None:
+    # The fused kernels compute the unweighted terms only; "auto" takes the torch path for weights.
+    if weight is not None and impl == "triton":
+        raise ValueError(
+            "weight is not supported with impl='triton' (the fused kernels compute the unweighted "
+            "loss); use impl='auto', which takes the torch path for a weight, or impl='torch'"
+        )
+
+
 def _weighted_kl(f_s: Tensor, f_t: Tensor, weight: Tensor, *, temperature: float, reduction: str) -> Tensor:
-    kl = feature_kl_loss(f_s, f_t, temperature=temperature, reduction="none") * weight.to(_loss_dtype(f_s)).unsqueeze(-1)
+    kl = _reference_feature_kl_loss(f_s, f_t, temperature=temperature, reduction="none") * weight.to(_loss_dtype(f_s)).unsqueeze(-1)
     if reduction == "none":
         return kl
     if reduction == "sum":
@@ -229,11 +241,17 @@ class ClassifierFeatureLoss(nn.Module):
             Must be None with a ``FrozenClassifier``.
         features: ``"timm"`` (a timm model's pre-logits features) or ``"logits"`` (``f(x)`` is
             the logits); see :class:`FrozenClassifier`. Must be None with a ``FrozenClassifier``.
+        impl: How the KL is computed (:func:`kdiff.ops.feature_kl_loss`): ``"auto"`` (default;
+            fused Triton kernel on CUDA, the :mod:`kdiff.functional` maths otherwise and with a
+            ``weight``), ``"torch"`` or ``"triton"`` (a ``ValueError`` where the kernel cannot
+            run, e.g. with a ``weight``, float64 features or CPU tensors without Triton's
+            interpreter).
 
     Raises:
-        ValueError: A bad hyper-parameter, or ``transform``/``feature_layer``/``features`` given
-            with a ``FrozenClassifier``; at call time, images of different shapes, an empty
-            batch (``B = 0`` has no mean), or a ``weight`` that is not [B].
+        ValueError: A bad hyper-parameter or ``impl``, or ``transform``/``feature_layer``/
+            ``features`` given with a ``FrozenClassifier``; at call time, images of different
+            shapes, an empty batch (``B = 0`` has no mean), a ``weight`` that is not [B], or a
+            ``weight`` with ``impl="triton"``.
 
     Example:
         >>> import torch
@@ -263,13 +281,16 @@ class ClassifierFeatureLoss(nn.Module):
         transform: Transform | None = None,
         feature_layer: str | None = None,
         features: str | None = None,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
         check_positive("temperature", temperature)
         check_choice("reduction", reduction, ("batchmean", "mean", "sum", "none"))
+        check_choice("impl", impl, IMPLS)
         self.classifier = _as_frozen(classifier, transform=transform, feature_layer=feature_layer, features=features)
         self.temperature = float(temperature)
         self.reduction = reduction
+        self.impl = impl
 
     def forward_with_outputs(self, input: Tensor, target: Tensor, *, weight: Tensor | None = None) -> FeatureLossOutput:
         """The loss plus the student's logits and both feature sets (one classifier pass each)."""
@@ -277,12 +298,13 @@ class ClassifierFeatureLoss(nn.Module):
         if input.ndim == 0 or input.shape[0] < 1:
             raise ValueError(f"input must have at least one row (B >= 1); got shape {tuple(input.shape)}")
         if weight is not None:
+            _check_impl_weight(self.impl, weight)
             weight = _check_weight(weight, input)
         with torch.no_grad():
             _, f_t = self.classifier(target.detach())
         logits_s, f_s = self.classifier(input)
         if weight is None:
-            loss = feature_kl_loss(f_s, f_t, temperature=self.temperature, reduction=self.reduction)  # type: ignore[arg-type]
+            loss = ops.feature_kl_loss(f_s, f_t, temperature=self.temperature, reduction=self.reduction, impl=self.impl)  # type: ignore[arg-type]
         else:
             loss = _weighted_kl(f_s, f_t, weight, temperature=self.temperature, reduction=self.reduction)
         return FeatureLossOutput(loss, logits_s, f_s, f_t)
@@ -300,7 +322,7 @@ class ClassifierFeatureLoss(nn.Module):
         return self.forward_with_outputs(input, target, weight=weight).loss
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, reduction={self.reduction!r}"
+        return f"temperature={self.temperature}, reduction={self.reduction!r}, impl={self.impl!r}"
 
 
 class DatasetOrientedLoss(nn.Module):
@@ -317,6 +339,10 @@ class DatasetOrientedLoss(nn.Module):
         sync_global: Average ``pbar`` over the global batch under torch.distributed, keeping the
             gradient (the paper's code used each process's local batch).
         group: Process group for ``sync_global`` (default: the world).
+        impl: How the terms are computed (:func:`kdiff.ops.dataset_oriented_loss`): ``"auto"``
+            (default; fused Triton kernels on CUDA, the :mod:`kdiff.functional` maths otherwise
+            and with a ``weight``), ``"torch"`` or ``"triton"`` (a ``ValueError`` where the
+            kernels cannot run, e.g. with a ``weight``).
 
     Example:
         >>> import torch
@@ -326,17 +352,24 @@ class DatasetOrientedLoss(nn.Module):
         >>> loss_fn(logits).backward()
     """
 
-    def __init__(self, *, gamma: float = 0.75, sync_global: bool = False, group: Any = None) -> None:
+    def __init__(
+        self, *, gamma: float = 0.75, sync_global: bool = False, group: Any = None, impl: str = "auto"
+    ) -> None:
         super().__init__()
         check_unit_interval("gamma", gamma)
+        check_choice("impl", impl, IMPLS)
         self.gamma = float(gamma)
         self.sync_global = sync_global
         self.group = group
+        self.impl = impl
 
     def terms(self, input: Tensor, *, weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(L_data, H, Dv)`` for logits ``input`` [B, K] and optional per-sample ``weight`` [B]."""
         if weight is None:
-            return dataset_oriented_loss(input, gamma=self.gamma, sync_global=self.sync_global, group=self.group)
+            return ops.dataset_oriented_loss(
+                input, gamma=self.gamma, sync_global=self.sync_global, group=self.group, impl=self.impl
+            )
+        _check_impl_weight(self.impl, weight)
         _check_rows("input", input, "[B, K]")
         weight = _check_weight(weight, input)
         return _weighted_dataset_oriented_loss(
@@ -348,7 +381,7 @@ class DatasetOrientedLoss(nn.Module):
         return self.terms(input, weight=weight)[0]
 
     def extra_repr(self) -> str:
-        return f"gamma={self.gamma}, sync_global={self.sync_global}"
+        return f"gamma={self.gamma}, sync_global={self.sync_global}, impl={self.impl!r}"
 
 
 @dataclass
@@ -391,6 +424,9 @@ class CFDLoss(nn.Module):
         feature_layer: Layer whose output is ``f(x)``; must be None with a ``FrozenClassifier``.
         features: ``"timm"`` or ``"logits"`` (see :class:`FrozenClassifier`); must be None with a
             ``FrozenClassifier``.
+        impl: ``"auto"`` (default), ``"torch"`` or ``"triton"``, for both terms (see
+            :class:`ClassifierFeatureLoss` and :class:`DatasetOrientedLoss`): ``"auto"`` takes the
+            fused kernels on CUDA without a ``weight``, ``"triton"`` refuses a ``weight``.
 
     Example:
         >>> import torch
@@ -428,17 +464,21 @@ class CFDLoss(nn.Module):
         transform: Transform | None = None,
         feature_layer: str | None = None,
         features: str | None = None,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
         check_finite_number("beta", beta, minimum=0.0)
         check_finite_number("pixel_weight", pixel_weight, minimum=0.0)
         check_unit_interval("gamma", gamma)
+        check_choice("impl", impl, IMPLS)
         self.feature_loss = ClassifierFeatureLoss(
-            classifier, temperature=temperature, transform=transform, feature_layer=feature_layer, features=features
+            classifier, temperature=temperature, transform=transform, feature_layer=feature_layer,
+            features=features, impl=impl,
         )
-        self.data_loss = DatasetOrientedLoss(gamma=gamma, sync_global=sync_global, group=group)
+        self.data_loss = DatasetOrientedLoss(gamma=gamma, sync_global=sync_global, group=group, impl=impl)
         self.beta = float(beta)
         self.pixel_weight = float(pixel_weight)
+        self.impl = impl
 
     def forward(
         self,
@@ -471,4 +511,4 @@ class CFDLoss(nn.Module):
         return CFDLossOutput(loss, feat.loss, data, entropy, diversity, pixel_loss)
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, pixel_weight={self.pixel_weight}"
+        return f"beta={self.beta}, pixel_weight={self.pixel_weight}, impl={self.impl!r}"

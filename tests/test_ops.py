@@ -404,6 +404,240 @@ def test_dataset_oriented_global_batch_is_exact_under_ddp():
     torch.testing.assert_close(torch.cat([res[0]["grad"], res[1]["grad"]]), grad_single, rtol=1e-4, atol=1e-6)
 
 
+# ------------------------------------------------------- modules: CFD losses and the distiller
+class _TinyClassifier(torch.nn.Module):
+    """A small CNN returning ``(logits, pooled features)``: 3 x 8 x 8 images, D = 16, K = 5."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Conv2d(3, 16, 3)
+        self.head = torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        f = self.body(x).relu().mean((2, 3))
+        return self.head(f), f
+
+
+def _classifier(device=DEVICE):
+    torch.manual_seed(0)
+    return _TinyClassifier().to(device)
+
+
+def _images(device=DEVICE, seed=0):
+    x_hat = (_randn(4, 3, 8, 8, scale=1.5, seed=seed)).to(device).requires_grad_(True)
+    return x_hat, _randn(4, 3, 8, 8, seed=seed + 1).to(device)
+
+
+def _distiller(impl, teacher_prediction="v", student_prediction="x", clip=True, device=DEVICE):
+    torch.manual_seed(0)
+    net_t = torch.nn.Conv2d(3, 3, 3, padding=1).to(device)
+    net_s = torch.nn.Conv2d(3, 3, 3, padding=1).to(device)
+    pd = ProgressiveDistiller(lambda z, t: 0.5 * net_t(z), lambda z, t: net_s(z), DiscreteSchedule.cosine(1024), 8,
+                              teacher_prediction=teacher_prediction, student_prediction=student_prediction,
+                              clip_teacher_x=clip, impl=impl)
+    return pd, net_s
+
+
+def _auto_takes_triton(monkeypatch):
+    """Make ``impl="auto"`` resolve as ``"triton"`` (what it does for CUDA tensors), counting launches."""
+    import kdiff.distill
+    import kdiff.ops._dispatch
+    import kdiff.ops.functional as ops_functional
+
+    real_resolve, real_load = ops_functional.resolve_impl, ops_functional.load_kernels
+    launches = []
+
+    def resolve(impl, *tensors, op):
+        return real_resolve("triton" if impl == "auto" else impl, *tensors, op=op)
+
+    def load(name, device):
+        launches.append(name)
+        return real_load(name, device)
+
+    monkeypatch.setattr(ops_functional, "resolve_impl", resolve)
+    monkeypatch.setattr(kdiff.distill, "resolve_impl", resolve)
+    monkeypatch.setattr(ops_functional, "load_kernels", load)
+    return launches
+
+
+def test_modules_validate_and_show_impl():
+    from kdiff import CFDLoss, ClassifierFeatureLoss, DatasetOrientedLoss
+
+    clf = _TinyClassifier()
+    f = lambda z, t: z  # noqa: E731
+    sched = DiscreteSchedule.cosine(64)
+    for build in (
+        lambda impl: ClassifierFeatureLoss(clf, impl=impl),
+        lambda impl: DatasetOrientedLoss(impl=impl),
+        lambda impl: CFDLoss(clf, impl=impl),
+        lambda impl: ProgressiveDistiller(f, f, sched, 4, teacher_prediction="x", student_prediction="x", impl=impl),
+    ):
+        for bad in ("cuda", "Triton", None):
+            with pytest.raises(ValueError, match="impl must be one of 'auto', 'torch', 'triton'"):
+                build(bad)
+        assert build("auto").impl == "auto"
+        assert "impl='triton'" in repr(build("triton"))
+    cfd = CFDLoss(clf, impl="torch")
+    assert cfd.feature_loss.impl == cfd.data_loss.impl == "torch"
+    pd = ProgressiveDistiller(f, f, sched, 4, teacher_prediction="x", student_prediction="x", impl="torch")
+    assert pd.next_round().impl == "torch"
+
+
+def test_modules_auto_on_cpu_is_bit_identical_to_the_reference():
+    """The default impl on CPU runs exactly kdiff.functional's maths: values and gradients."""
+    from kdiff import CFDLoss, ClassifierFeatureLoss, DatasetOrientedLoss, FrozenClassifier
+    from kdiff.functional import add_noise, ddim_step_coeffs, pd_loss, pd_target
+
+    cpu = torch.device("cpu")
+    clf = FrozenClassifier(_classifier(cpu))
+    x_hat, x_tilde = _images(cpu)
+    with torch.no_grad():
+        f_t = clf(x_tilde)[1]
+    logits, f_s = clf(x_hat)
+    for reduction in ("batchmean", "mean", "sum", "none"):
+        loss = ClassifierFeatureLoss(clf, temperature=0.9, reduction=reduction)(x_hat, x_tilde)
+        expected = ref.feature_kl_loss(f_s, f_t, temperature=0.9, reduction=reduction)
+        assert torch.equal(loss, expected)
+    data = DatasetOrientedLoss(gamma=0.6).terms(logits)
+    for got, want in zip(data, ref.dataset_oriented_loss(logits, gamma=0.6), strict=True):
+        assert torch.equal(got, want)
+    out = CFDLoss(clf, temperature=0.9, beta=0.01, gamma=0.6)(x_hat, x_tilde)
+    expected = ref.feature_kl_loss(f_s, f_t, temperature=0.9) + 0.01 * ref.dataset_oriented_loss(logits, gamma=0.6)[0]
+    assert torch.equal(out.loss, expected)
+    assert torch.equal(torch.autograd.grad(out.loss, x_hat)[0], torch.autograd.grad(expected, x_hat)[0])
+
+    # The distiller: the teacher's two DDIM half-steps, pd_target and pd_loss, as written out here.
+    pd, net_s = _distiller("auto", device=cpu)
+    x = _randn(4, 3, 8, 8).cpu().clamp(-1, 1)
+    noise = _randn(4, 3, 8, 8, seed=5).cpu()
+    t = torch.tensor([128.0, 512.0, 768.0, 1024.0])
+    res = pd(x, t=t, noise=noise)
+    sched = pd.schedule
+    (a_t, s_t), (a_m, s_m), (a_n, s_n) = (sched.alpha_sigma(u, dtype=torch.float32) for u in (t, res.t_mid, res.t_next))
+    z_t = add_noise(x, noise, a_t, s_t)
+    with torch.no_grad():
+        z_mid = ddim_step_coeffs(pd.teacher(z_t, t), z_t, a_t, s_t, a_m, s_m, prediction_type="v", clip_x=True)[0]
+        z_next = ddim_step_coeffs(pd.teacher(z_mid, res.t_mid), z_mid, a_m, s_m, a_n, s_n,
+                                  prediction_type="v", clip_x=True)[0]
+        x_tilde, eps_tilde = pd_target(z_t, z_next, a_t, s_t, a_n, s_n)
+    per_sample = pd_loss(net_s(z_t), x_tilde, a_t, s_t, weighting="truncated_snr", reduction="none")
+    for got, want in ((res.z_mid, z_mid), (res.z_next, z_next), (res.x_target, x_tilde),
+                      (res.eps_target, eps_tilde), (res.loss_per_sample, per_sample), (res.loss, per_sample.mean())):
+        assert torch.equal(got, want)
+    assert torch.equal(torch.autograd.grad(res.loss, net_s.weight)[0], torch.autograd.grad(per_sample.mean(), net_s.weight)[0])
+
+
+@needs_triton
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum", "none"])
+def test_classifier_feature_loss_triton_matches_torch(reduction):
+    from kdiff import ClassifierFeatureLoss
+
+    clf = _classifier()
+    x_hat, x_tilde = _images()
+    losses = [ClassifierFeatureLoss(clf, temperature=0.9, reduction=reduction, impl=impl)(x_hat, x_tilde)
+              for impl in ("triton", "torch")]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    go = _grad_output(losses[1])
+    torch.testing.assert_close(_grads(losses[0], x_hat, go)[0], _grads(losses[1], x_hat, go)[0], rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_dataset_oriented_module_triton_matches_torch():
+    from kdiff import DatasetOrientedLoss
+
+    logits = _randn(13, 7, scale=3.0).requires_grad_(True)
+    fused = DatasetOrientedLoss(gamma=0.6, impl="triton").terms(logits)
+    plain = DatasetOrientedLoss(gamma=0.6, impl="torch").terms(logits)
+    for got, want in zip(fused, plain, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    go = torch.tensor(2.0, device=DEVICE)
+    torch.testing.assert_close(_grads(fused[0], logits, go)[0], _grads(plain[0], logits, go)[0], rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_cfd_loss_triton_matches_torch_end_to_end():
+    """Student -> x_hat -> frozen classifier -> both CFD terms, fused and plain: values and the student's gradient."""
+    from kdiff import CFDLoss
+
+    clf = _classifier()
+    results = {}
+    for impl in ("triton", "torch"):
+        pd, net_s = _distiller("torch")
+        res = pd(_randn(4, 3, 8, 8).clamp(-1, 1), t=torch.tensor([128.0, 512.0, 768.0, 1024.0], device=DEVICE),
+                 noise=_randn(4, 3, 8, 8, seed=5))
+        terms = CFDLoss(clf, temperature=0.9, beta=0.5, gamma=0.6, pixel_weight=0.1, impl=impl)(
+            res.x_pred, res.x_target, pixel_loss=res.loss
+        )
+        grad = torch.autograd.grad(terms.loss * 2.0, net_s.weight)[0]
+        results[impl] = (terms, grad)
+    (fused, grad), (plain, grad_ref) = results["triton"], results["torch"]
+    for name in ("loss", "feature_loss", "data_loss", "entropy", "diversity"):
+        torch.testing.assert_close(getattr(fused, name), getattr(plain, name), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize(("teacher", "student", "clip"), [("v", "x", True), ("eps", "eps", False), ("x", "v", False)])
+def test_distiller_triton_matches_torch(teacher, student, clip):
+    fields = ("loss", "loss_per_sample", "z_t", "z_mid", "z_next", "x_target", "eps_target", "x_pred", "eps_pred",
+              "alpha_t", "sigma_t", "t_mid", "t_next")
+    results = {}
+    for impl in ("triton", "torch"):
+        pd, net_s = _distiller(impl, teacher, student, clip)
+        # t = 1024 is the top of the schedule (alpha_t near 0): z_t'' and x_tilde reach ~1e4 there.
+        res = pd(_randn(4, 3, 8, 8).clamp(-1, 1), t=torch.tensor([128.0, 512.0, 768.0, 1024.0], device=DEVICE),
+                 noise=_randn(4, 3, 8, 8, seed=5))
+        results[impl] = (res, torch.autograd.grad(res.loss * 2.0, net_s.weight)[0])
+    (fused, grad), (plain, grad_ref) = results["triton"], results["torch"]
+    assert pd.weighting == ("eps_mse" if student == "eps" else "truncated_snr")
+    for name in fields:
+        torch.testing.assert_close(getattr(fused, name), getattr(plain, name), rtol=1e-5, atol=1e-5, msg=name)
+    assert not fused.x_target.requires_grad and not fused.z_next.requires_grad
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_refuses_what_the_modules_cannot_fuse():
+    from kdiff import CFDLoss, ClassifierFeatureLoss, DatasetOrientedLoss
+
+    clf = _TinyClassifier()
+    x_hat, x_tilde = _images(torch.device("cpu"))
+    weight = torch.tensor([1.0, 0.5, 0.0, 1.0])
+    for call in (
+        lambda: ClassifierFeatureLoss(clf, impl="triton")(x_hat, x_tilde, weight=weight),
+        lambda: DatasetOrientedLoss(impl="triton")(torch.randn(4, 5), weight=weight),
+        lambda: CFDLoss(clf, impl="triton")(x_hat, x_tilde, weight=weight),
+    ):
+        with pytest.raises(ValueError, match="weight is not supported with impl='triton'.*impl='auto'"):
+            call()
+    # float64 has no kernel: the distiller says so before running any network.
+    pd, _ = _distiller("triton", device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="ProgressiveDistiller: impl='triton' supports input dtypes .* got float64"):
+        pd(torch.rand(2, 3, 8, 8, dtype=torch.float64))
+
+
+@needs_triton
+def test_auto_falls_back_to_torch_for_a_weight(monkeypatch):
+    """Where ``auto`` takes the kernels (CUDA), a per-sample weight takes the torch path instead."""
+    from kdiff import CFDLoss
+
+    clf = _classifier()
+    x_hat, x_tilde = _images()
+    weight = torch.tensor([1.0, 0.5, 0.0, 1.0], device=DEVICE)
+    expected = CFDLoss(clf, beta=0.5, impl="torch")(x_hat, x_tilde, weight=weight)
+    launches = _auto_takes_triton(monkeypatch)
+    auto = CFDLoss(clf, beta=0.5)
+    weighted = auto(x_hat, x_tilde, weight=weight)
+    assert launches == []
+    for name in ("loss", "feature_loss", "data_loss"):
+        assert torch.equal(getattr(weighted, name), getattr(expected, name))
+    assert torch.equal(torch.autograd.grad(weighted.loss, x_hat)[0], torch.autograd.grad(expected.loss, x_hat)[0])
+    auto(x_hat, x_tilde)  # unweighted: both fused ops
+    assert launches == ["feature_kl", "dataset_oriented"]
+    pd, _ = _distiller("auto")
+    pd(_randn(4, 3, 8, 8).clamp(-1, 1))
+    assert launches[-1] == "pd_target"
+
+
 # -------------------------------------------------------------- kernels compile for sm_90
 _COMPILE_CHECK = textwrap.dedent(
     """
