@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine: the fused ops (kdiff.ops) and the rest of the CUDA maths against
-# the reference (fp32 and bf16, values and gradients), then the op benchmark. Every stage has a
-# time limit (60 + 200 + 270 s at most after setup), so one H100/H200 is done within 8 minutes.
+# the reference (fp32 and bf16, values and gradients; the training step and the sampler without
+# host syncs), then the op benchmark and the whole-step benchmark. Every stage has a time limit
+# (60 + 200 + 270 + 300 s at most after setup), so one H100/H200 is done within 14 minutes.
 #
 # Usage (from anywhere):  bash benchmarks/gpu_check.sh [OUT_DIR]     (default: benchmarks/results)
-# Writes OUT_DIR/gpu_tests_<gpu>.log and OUT_DIR/ops_<gpu>.json (rows are written as they finish,
-# so a benchmark cut short by its time limit keeps what it measured). Exit status: 0 when the
+# Writes OUT_DIR/gpu_tests_<gpu>.log, OUT_DIR/ops_<gpu>.json and OUT_DIR/step_<gpu>.json (rows
+# are written as they finish, so a benchmark cut short by its time limit keeps what it measured). Exit status: 0 when the
 # tests passed and the benchmark finished, else the first failure's.
 set -euo pipefail
 
@@ -56,5 +57,16 @@ tail -n 3 "$out/bench_ops_${gpu}.log"
 echo "benchmark: exit status $bench (124: cut by its time limit); results in $out/ops_${gpu}.json"
 if [ "$status" -eq 0 ]; then
     status=$bench
+fi
+
+# 3. The whole PD and CFD step (paper-style fp32 vs kdiff eager vs bf16 + channels_last + compile),
+#    paper UNet, ResNet-18, batch 128; the PD results are written before the CFD ones start.
+step=0
+timeout 300 "$py" benchmarks/bench_step.py --device cuda --repeats 10 --out "$out/step_${gpu}.json" \
+    > "$out/bench_step_${gpu}.log" 2>&1 || step=$?
+tail -n 3 "$out/bench_step_${gpu}.log"
+echo "step benchmark: exit status $step (124: cut by its time limit); results in $out/step_${gpu}.json"
+if [ "$status" -eq 0 ]; then
+    status=$step
 fi
 exit "$status"

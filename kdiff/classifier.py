@@ -56,6 +56,31 @@ def _float_tuple(name: str, value: Any) -> tuple[float, ...]:
     return tuple(float(v) for v in value)
 
 
+# Normalisation constants per (mean, std, device, dtype). Building them from Python floats at each
+# call copies from the host, which on an accelerator blocks the host (a sync every step) and cannot
+# run inside a CUDA graph capture.
+_NORM_CONSTANTS: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+
+
+def _norm_constants(mean: tuple[float, ...], std: tuple[float, ...], like: Tensor) -> tuple[Tensor, Tensor]:
+    """``(mean, 1 / std)`` as [1, C, 1, 1] tensors on ``like``'s device and dtype."""
+
+    def build() -> tuple[Tensor, Tensor]:
+        m = torch.tensor(mean, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+        inv = torch.tensor([1.0 / s for s in std], dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+        return m, inv
+
+    if torch.compiler.is_compiling():
+        return build()  # graph constants; nothing to cache while tracing
+    key = (mean, std, like.device, like.dtype)
+    if key not in _NORM_CONSTANTS:
+        # Plain tensors even when first built under inference_mode: a later training step saves
+        # 1 / std for backward, which an inference tensor cannot be.
+        with torch.inference_mode(False), torch.no_grad():
+            _NORM_CONSTANTS[key] = build()
+    return _NORM_CONSTANTS[key]
+
+
 @dataclass(frozen=True)
 class ClassifierTransform:
     """Maps generated images to a classifier's expected input.
@@ -168,8 +193,7 @@ class ClassifierTransform:
         if self.clamp:
             x = x.clamp(c, d)
         if self.mean is not None and self.std is not None:
-            mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-            inv_std = torch.tensor([1.0 / s for s in self.std], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+            mean, inv_std = _norm_constants(tuple(self.mean), tuple(self.std), x)
             x = (x - mean) * inv_std
         if self.size is not None and tuple(x.shape[-2:]) != self.size:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=self.align_corners)

@@ -239,6 +239,12 @@ def ddim_sample(
         The final sample at ``t_0`` (the paper's discrete cosine table's index 0 is not
         noise-free; a DDPM/diffusers table's ``t = 0`` is).
 
+    The grid and its ``alpha``/``sigma`` are computed on ``noise``'s device once per call and a
+    step reads no value on the host, so for fixed shapes the whole call can be captured in a CUDA
+    graph (``torch.cuda.graph``; warm up once first, so per-device schedule tables exist, and
+    use ``eta = 0`` or the default generator) or compiled with ``torch.compile(fullgraph=True)``
+    (docs/performance.md).
+
     Raises:
         ValueError: If the model's output is not shaped like ``z_t``, or on a bad option.
 
@@ -261,23 +267,36 @@ def ddim_sample(
         raise TypeError(f"schedule must be a kdiff NoiseSchedule; got {type(schedule).__name__}")
     schedule.check_num_steps(num_steps)
     kind = normalize_prediction_type(prediction_type)
+    check_bool("clip_x", clip_x)
+    check_finite_number("eta", eta, minimum=0.0)
     if clip_output is not None:
         check_bool("clip_output", clip_output)
     if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
         raise TypeError(f"model_kwargs must be a mapping or None; got {type(model_kwargs).__name__}")
-    step = DDIMStep(schedule, prediction_type=kind, clip_x=clip_x, eta=eta)
     kwargs = model_kwargs or {}
-    grid = schedule.grid(num_steps, device=noise.device).to(noise.dtype if noise.dtype == torch.float64 else torch.float32)
+    dtype = noise.dtype
+    # The grid and its coefficients are computed once, on the device, before the loop: a step only
+    # takes views of them (no host sync, no host-to-device copy), so the loop can be captured in a
+    # CUDA graph and traces into one torch.compile graph.
+    times = schedule.grid(num_steps, device=noise.device).to(dtype if dtype == torch.float64 else torch.float32)
+    alphas, sigmas = schedule.alpha_sigma(times, dtype=dtype)
     batch = noise.shape[0]
     z = noise
     for k in range(num_steps, 0, -1):
-        t = grid[k].expand(batch)
-        s = grid[k - 1].expand(batch)
+        t = times[k].expand(batch)
+        alpha_t, sigma_t = alphas[k].expand(batch), sigmas[k].expand(batch)
+        alpha_s, sigma_s = alphas[k - 1].expand(batch), sigmas[k - 1].expand(batch)
         output = check_model_output("model output", model(z, t, **kwargs), z.shape)
-        out = step(output, z, t, s, generator=generator)
-        z = out.prev_sample
+        scale = xi = None
+        if eta != 0:
+            xi = torch.randn(z.shape, generator=generator, device=z.device, dtype=dtype)
+            scale = ddim_noise_scale(alpha_t, sigma_t, alpha_s, sigma_s, eta)
+        z, x_hat, eps_hat = ddim_step_coeffs(
+            output, z, alpha_t, sigma_t, alpha_s, sigma_s,
+            prediction_type=kind, clip_x=clip_x, noise_scale=scale, noise=xi,
+        )
         if callback is not None:
-            callback(k, t, out)
+            callback(k, t, DDIMStepOutput(prev_sample=z, pred_x=x_hat, pred_eps=eps_hat))
     if clip_x if clip_output is None else clip_output:
         z = z.clamp(-1.0, 1.0)
     return z
