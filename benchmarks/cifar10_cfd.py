@@ -8,20 +8,26 @@ steps), every student scored by FID. This script runs it as resumable stages and
     python benchmarks/cifar10_cfd.py --data-dir ../shared/data            # tiny preset, CPU
     python benchmarks/cifar10_cfd.py --preset small                         # one GPU, ~1 hour
     torchrun --nproc_per_node=4 benchmarks/cifar10_cfd.py --preset paper    # the paper's setup
+    python benchmarks/cifar10_cfd.py --preset paper --smoke                 # every stage, a few steps
 
 Stages (``--stages``), each writing under ``--out-dir`` and skipped when its result is there:
 
-* ``teacher``    the base diffusion model (tiny: the bundled one unless ``--from-scratch``)
+* ``teacher``    the base diffusion model (tiny: the bundled one unless ``--from-scratch``;
+                 any preset: ``--teacher PATH``)
 * ``classifier`` the guide classifier CFD distils through and a *separately trained*
-                 evaluation classifier for the fast metric (tiny: bundled unless --from-scratch)
-* ``base``       PD rounds from the teacher down to the shared 8-step model (tiny: bundled)
+                 evaluation classifier for the fast metric (tiny: bundled unless --from-scratch;
+                 any preset: ``--guide-classifier`` / ``--eval-classifier``)
+* ``base``       PD rounds from the teacher down to the shared 8-step model (tiny: bundled;
+                 any preset: ``--base-model PATH``)
 * ``pd``         PD rounds 8 -> 4 (-> 2 -> 1), one run per seed
 * ``cfd``        CFD rounds 8 -> 4 (-> 2 -> 1) from the same 8-step model, one run per seed
 * ``eval``       samples every row with the same noise, Inception FID/KID and the fast
                  classifier-feature FID/KID, throughput and wall time
 * ``report``     results.json, report.md, PNG grids and the FID-vs-steps plot
 
-See docs/benchmark.md.
+Under torchrun the script creates the process group once; every training loop and the
+evaluation use it (sampling and feature extraction split over the processes, the metrics equal
+one process's). See docs/benchmark.md.
 """
 
 from __future__ import annotations
@@ -69,6 +75,8 @@ class Preset:
     final_steps: int  # last student of the PD / CFD comparison
     round: dict[str, Any]  # DistillConfig overrides of every base/PD/CFD round
     base_round_steps: int  # optimizer steps of each base PD round (T -> ... -> base_steps)
+    base_ckpt_every: int  # checkpoint cadence of the base rounds (their own, as they are longer)
+    classifier_eval_samples: int  # test images scoring each trained classifier
     num_samples: int  # samples per row for the fast metric (the first inception_samples are also scored by Inception)
     inception_samples: int
     reference_samples: int  # real train images for the Inception reference
@@ -98,6 +106,8 @@ def _presets() -> dict[str, Preset]:
             round=dict(steps=250, batch_size=32, lr=2e-4, lr_schedule="cosine", log_every=25, ckpt_every=125,
                        sample_every=-1),
             base_round_steps=300,
+            base_ckpt_every=125,
+            classifier_eval_samples=10_000,
             num_samples=500,
             inception_samples=128,
             reference_samples=1000,
@@ -121,6 +131,8 @@ def _presets() -> dict[str, Preset]:
             round=dict(steps=2_000, batch_size=128, lr=5e-5, lr_schedule="cosine", log_every=100,
                        ckpt_every=1000, sample_every=-1),
             base_round_steps=2_000,
+            base_ckpt_every=1000,
+            classifier_eval_samples=10_000,
             num_samples=10_000,
             inception_samples=10_000,
             reference_samples=50_000,
@@ -144,6 +156,8 @@ def _presets() -> dict[str, Preset]:
             round=dict(steps=10_000, batch_size=128, lr=5e-5, lr_schedule="cosine", log_every=100,
                        ckpt_every=2000, sample_every=-1),
             base_round_steps=10_000,
+            base_ckpt_every=2000,
+            classifier_eval_samples=10_000,
             num_samples=50_000,
             inception_samples=50_000,
             reference_samples=50_000,
@@ -157,6 +171,33 @@ def _presets() -> dict[str, Preset]:
 
 PRESETS = _presets()
 
+def smoke(preset: Preset, world_size: int = 1) -> Preset:
+    """``preset`` with every stage cut to a few updates and samples (``--smoke``).
+
+    The networks, schedule, step ladders and stage wiring stay the preset's; only lengths,
+    batch sizes, sample counts and checkpoint cadences shrink, all together, so the whole run
+    takes minutes on a CPU. The global batches (2 images for the diffusion models, 4 for the
+    classifiers, at least one per process) are the same for one and for two processes.
+    """
+    unet = {"batch_size": max(2, world_size), "log_every": 1, "ckpt_every": 0}
+    clf = {"batch_size": max(4, world_size), "log_every": 1, "ckpt_every": 0, "steps": 2, "warmup_steps": 0}
+    return dataclasses.replace(
+        preset,
+        teacher={**preset.teacher, **unet, "steps": 2, "warmup_steps": 1},
+        guide={**preset.guide, **clf},
+        evaluator={**preset.evaluator, **clf},
+        round={**preset.round, **unet, "steps": 1},
+        base_round_steps=1,
+        base_ckpt_every=0,
+        classifier_eval_samples=16,
+        num_samples=16,
+        inception_samples=8,
+        reference_samples=16,
+        fast_reference_samples=64,
+        sample_batch=8,
+        note=f"{preset.note}; --smoke: a few steps and samples per stage, numbers meaningless",
+    )
+
 
 # ============================================================================ run settings
 @dataclass
@@ -164,12 +205,17 @@ class Settings:
     preset: Preset
     out_dir: Path
     data_dir: str | None
+    data_dir_given_by: str  # "--data-dir", "KDIFF_DATA_DIR" or "default location"
+    download: bool
     stages: tuple[str, ...]
     seeds: tuple[int, ...]
     from_scratch: bool
+    smoke: bool
     temperature: float
     beta: float
     gamma: float
+    teacher_path: str | None
+    base_model_path: str | None
     guide_path: str | None
     eval_classifier_path: str | None
     cache_dir: Path
@@ -177,6 +223,8 @@ class Settings:
     progress: bool
     export_assets: Path | None
     command: str
+    base_round: dict[str, Any]  # DistillConfig overrides of the base rounds (not --train-steps/--batch-size)
+    runtime: Any = None  # kdiff.recipes.Runtime, set by run()
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -188,31 +236,36 @@ class Settings:
         return self.preset.bundled and not self.from_scratch
 
     @property
-    def student_ladder(self) -> list[int]:
-        """Step counts of the compared students: [base/2, ..., final]."""
-        out, n = [], self.preset.base_steps // 2
-        while n >= self.preset.final_steps:
-            out.append(n)
-            n //= 2
-        return out
-
-    @property
     def cfd_tag(self) -> str:
         return f"tau{self.temperature:g}_beta{self.beta:g}_gamma{self.gamma:g}"
+
+    def ladder(self, teacher_steps: int, final_steps: int) -> list[int]:
+        """Student step counts of the rounds ``teacher_steps -> ... -> final_steps``."""
+        from kdiff.recipes import DistillConfig
+
+        return DistillConfig(schedule=self.schedule, teacher_steps=teacher_steps,
+                             final_steps=final_steps).student_steps
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="cifar10_cfd.py",
         description="PD vs CFD on CIFAR-10: base teacher, PD down to 8 steps, then 8 -> 4 (-> 2 -> 1) with PD "
-        "and with CFD, every student scored by FID. Writes results.json, report.md, PNG grids and a plot.",
+        "and with CFD, every student scored by FID. Writes results.json, report.md, PNG grids and a plot. "
+        "Runs unchanged under torchrun.",
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                    help="tiny (default): laptop CPU, <= 10 min from bundled starting points; small: one GPU, "
                    "~1 h; paper: the paper's settings (torchrun).")
+    p.add_argument("--smoke", action="store_true",
+                   help="Cut every stage of the preset to a few updates and samples (same networks, ladders and "
+                   "wiring): checks a setup in minutes; the numbers mean nothing.")
     p.add_argument("--data-dir", default=None,
                    help="Folder holding cifar-10-batches-py (default: $KDIFF_DATA_DIR, then ~/.cache/kdiff/data).")
-    p.add_argument("--out-dir", default=None, help="Output folder (default: runs/cifar10_cfd/<preset>).")
+    p.add_argument("--download", action="store_true",
+                   help="Download the official CIFAR-10 archive (MD5-checked) into the data folder if it is missing.")
+    p.add_argument("--out-dir", default=None,
+                   help="Output folder (default: runs/cifar10_cfd/<preset>, or <preset>_smoke with --smoke).")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                    help="Stages to run (default: all; finished ones are skipped).")
     p.add_argument("--seeds", nargs="+", type=int, default=[0],
@@ -222,22 +275,29 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.95, help="CFD temperature tau (ResNet-18 setting: 0.95).")
     p.add_argument("--beta", type=float, default=0.003, help="CFD weight of the dataset-oriented loss (0.003).")
     p.add_argument("--gamma", type=float, default=0.75, help="CFD entropy weight in the dataset loss (0.75).")
+    p.add_argument("--teacher", default=None,
+                   help="An existing teacher checkpoint (.safetensors from kdiff's teacher loop, same schedule): "
+                   "skips training one.")
+    p.add_argument("--base-model", default=None,
+                   help="An existing 8-step model (.safetensors from kdiff's distillation loop): skips the base "
+                   "PD rounds.")
     p.add_argument("--guide-classifier", default=None,
-                   help="A stronger guide classifier checkpoint (.safetensors from kdiff's classifier loop).")
+                   help="An existing guide classifier checkpoint (.safetensors from kdiff's classifier loop).")
     p.add_argument("--eval-classifier", default=None,
                    help="Evaluation classifier for the fast metric (must differ from the guide).")
     p.add_argument("--cache-dir", default=None,
                    help="Cache of reference features (default: <out-dir>/../cache).")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<i>.")
     p.add_argument("--no-progress", action="store_true", help="No progress bars.")
-    # scale overrides (CI, quick looks)
+    # scale overrides (CI, quick looks), applied after --smoke
     p.add_argument("--num-samples", type=int, default=None, help="Samples per row (fast metric).")
     p.add_argument("--inception-samples", type=int, default=None,
                    help="Of those, how many are scored with Inception (the slow metric).")
     p.add_argument("--reference-samples", type=int, default=None, help="Real images of the Inception reference.")
     p.add_argument("--fast-reference-samples", type=int, default=None, help="Real images of the fast reference.")
-    p.add_argument("--train-steps", type=int, default=None, help="Optimizer steps of each PD/CFD round.")
-    p.add_argument("--batch-size", type=int, default=None, help="Batch size of the PD/CFD rounds.")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="Optimizer steps of each compared PD/CFD round (not the base rounds).")
+    p.add_argument("--batch-size", type=int, default=None, help="Batch size of the compared PD/CFD rounds.")
     p.add_argument("--export-assets", default=None,
                    help="After the stages, copy teacher, classifiers and base model (fp16) with a JSON record "
                    "into this folder (used to make benchmarks/assets/tiny).")
@@ -246,6 +306,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _settings(args: argparse.Namespace, argv: list[str] | None) -> Settings:
     preset = PRESETS[args.preset]
+    if args.smoke:
+        preset = smoke(preset, int(os.environ.get("WORLD_SIZE", "1")))
     overrides = {}
     for name in ("num_samples", "inception_samples", "reference_samples", "fast_reference_samples"):
         value = getattr(args, name)
@@ -254,39 +316,49 @@ def _settings(args: argparse.Namespace, argv: list[str] | None) -> Settings:
                 raise BenchmarkError(f"--{name.replace('_', '-')} must be >= 2; got {value}")
             overrides[name] = value
     preset = dataclasses.replace(preset, **overrides)
+    base_round = {**preset.round, "steps": preset.base_round_steps, "ckpt_every": preset.base_ckpt_every}
     rnd = dict(preset.round)
     if args.train_steps is not None:
         if args.train_steps < 1:
             raise BenchmarkError(f"--train-steps must be >= 1; got {args.train_steps}")
         rnd["steps"] = args.train_steps
-        rnd["ckpt_every"] = min(rnd["ckpt_every"], args.train_steps)
-        rnd["log_every"] = min(rnd["log_every"], args.train_steps)
     if args.batch_size is not None:
         if args.batch_size < 2:
             raise BenchmarkError(f"--batch-size must be >= 2; got {args.batch_size}")
         rnd["batch_size"] = args.batch_size
     preset = dataclasses.replace(preset, round=rnd)
     preset = dataclasses.replace(preset, inception_samples=min(preset.inception_samples, preset.num_samples))
-    out_dir = Path(args.out_dir or f"runs/cifar10_cfd/{preset.name}")
+    out_dir = Path(args.out_dir or f"runs/cifar10_cfd/{preset.name}{'_smoke' if args.smoke else ''}")
+    given_by = "default location"
     if args.data_dir:
         os.environ["KDIFF_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
+        given_by = "--data-dir"
+    elif os.environ.get("KDIFF_DATA_DIR"):
+        given_by = "KDIFF_DATA_DIR"
     if args.temperature <= 0 or not math.isfinite(args.temperature):
         raise BenchmarkError(f"--temperature must be > 0; got {args.temperature}")
     if args.beta < 0:
         raise BenchmarkError(f"--beta must be >= 0; got {args.beta}")
     if not 0 <= args.gamma <= 1:
         raise BenchmarkError(f"--gamma must be in [0, 1]; got {args.gamma}")
-    cmd = "python benchmarks/cifar10_cfd.py" + ("" if not argv else " " + " ".join(argv))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)} " if world > 1 else "python "
+    cmd = launcher + "benchmarks/cifar10_cfd.py" + ("" if not argv else " " + " ".join(argv))
     return Settings(
         preset=preset,
         out_dir=out_dir,
-        data_dir=os.environ.get("KDIFF_DATA_DIR"),
+        data_dir=os.environ.get("KDIFF_DATA_DIR") or None,
+        data_dir_given_by=given_by,
+        download=args.download,
         stages=tuple(s for s in STAGES if s in args.stages),
         seeds=tuple(dict.fromkeys(args.seeds)),
         from_scratch=args.from_scratch,
+        smoke=args.smoke,
         temperature=args.temperature,
         beta=args.beta,
         gamma=args.gamma,
+        teacher_path=args.teacher,
+        base_model_path=args.base_model,
         guide_path=args.guide_classifier,
         eval_classifier_path=args.eval_classifier,
         cache_dir=Path(args.cache_dir) if args.cache_dir else out_dir.parent / "cache",
@@ -294,6 +366,7 @@ def _settings(args: argparse.Namespace, argv: list[str] | None) -> Settings:
         progress=not args.no_progress,
         export_assets=Path(args.export_assets) if args.export_assets else None,
         command=cmd,
+        base_round=base_round,
     )
 
 
@@ -307,6 +380,19 @@ def _log(msg: str) -> None:
         print(f"[cifar10_cfd] {msg}", flush=True)
 
 
+def _agree(value: Any) -> Any:
+    """Rank 0's ``value`` on every process (a decision all processes must take alike)."""
+    from kdiff.distributed import world_size
+
+    if world_size() == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _check_writable(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -317,17 +403,75 @@ def _check_writable(path: Path) -> None:
         raise BenchmarkError(f"output directory {path} is not writable ({e.strerror or e}); choose another --out-dir") from None
 
 
-def _check_data(settings: Settings) -> None:
-    from kdiff.data import DatasetNotFoundError, load_cifar10_arrays
+def _readme(folder: Path) -> Path | None:
+    """A README next to the data (in the batches folder or the folder above), if there is one."""
+    for where in (folder, folder.parent):
+        for candidate in sorted(where.glob("README*")):
+            if candidate.is_file():
+                return candidate
+    return None
 
+
+def data_source(settings: Settings, folder: Path, downloaded: bool) -> dict[str, Any]:
+    """Where the CIFAR-10 files came from, as given: the folder and who named it, the official
+    archive's URL and MD5 when this script downloaded it, and the path of a README next to the
+    data (whose account of the data is not restated here)."""
+    from kdiff.data import CIFAR10_MD5, CIFAR10_URL
+
+    record_path = settings.out_dir / "data_source.json"
+    download = {"url": CIFAR10_URL, "md5": CIFAR10_MD5} if downloaded else None
+    if download is None and record_path.is_file():
+        try:  # an earlier invocation downloaded this very folder
+            old = json.loads(record_path.read_text())
+            if old.get("folder") == str(folder) and old.get("downloaded"):
+                download = old["downloaded"]
+        except ValueError:
+            pass
+    readme = _readme(folder)
+    return {
+        "dataset": "CIFAR-10, python batches",
+        "folder": str(folder),
+        "path_given": settings.data_dir if settings.data_dir_given_by != "default location" else None,
+        "given_by": settings.data_dir_given_by,
+        "downloaded": download,
+        "readme": str(readme) if readme is not None else None,
+    }
+
+
+def _check_data(settings: Settings) -> dict[str, Any]:
+    """Find (or, with --download, fetch on rank 0) CIFAR-10; return its :func:`data_source`."""
+    from kdiff.data import (
+        DatasetCorruptError,
+        DatasetNotFoundError,
+        find_cifar10,
+        load_cifar10_arrays,
+    )
+
+    rt = settings.runtime
+    downloaded = False
     try:
+        if settings.download and rt.is_main:
+            try:
+                find_cifar10(settings.data_dir, train=False)
+            except DatasetNotFoundError:
+                _log("CIFAR-10 not found; downloading the official archive")
+                find_cifar10(settings.data_dir, train=False, download=True)
+                downloaded = True
+        rt.barrier()
+        folder = Path(find_cifar10(settings.data_dir, train=False)).resolve()
         load_cifar10_arrays(settings.data_dir, train=False)
     except DatasetNotFoundError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "not found"
         raise BenchmarkError(
-            f"CIFAR-10 not found ({first}); pass --data-dir DIR (the folder holding cifar-10-batches-py) "
-            "or set KDIFF_DATA_DIR"
+            f"CIFAR-10 not found ({first}); pass --data-dir DIR (the folder holding cifar-10-batches-py), "
+            "set KDIFF_DATA_DIR, or add --download"
         ) from None
+    except DatasetCorruptError as e:
+        raise BenchmarkError(f"CIFAR-10 files are damaged: {str(e).strip().splitlines()[0]}") from None
+    source = data_source(settings, folder, _agree(downloaded))
+    if rt.is_main:
+        (settings.out_dir / "data_source.json").write_text(json.dumps(source, indent=2) + "\n")
+    return source
 
 
 def _stage_record(settings: Settings) -> dict[str, Any]:
@@ -348,9 +492,22 @@ def _record_stage(settings: Settings, name: str, info: dict[str, Any]) -> None:
     (settings.out_dir / "stages.json").write_text(json.dumps(rec, indent=2) + "\n")
 
 
-def _sidecar(path: Path) -> dict[str, Any]:
-    side = Path(str(path) + ".json")
-    return json.loads(side.read_text()) if side.is_file() else {}
+_META_CACHE: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
+def _metadata(path: Path) -> dict[str, Any]:
+    """A checkpoint's metadata (with ``weights_sha256``) through the library's verified loader."""
+    from kdiff.io import load_weights
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _META_CACHE:
+        _META_CACHE[key] = load_weights(path)[1]
+    return _META_CACHE[key]
+
+
+def _file_hash(path: Path) -> str:
+    return str(_metadata(path)["weights_sha256"])
 
 
 def _bundled(name: str) -> Path:
@@ -365,6 +522,8 @@ def _bundled(name: str) -> Path:
 
 # ============================================================================ training stages
 def _teacher_path(settings: Settings) -> Path:
+    if settings.teacher_path:
+        return Path(settings.teacher_path)
     if settings.uses_bundle:
         return _bundled("teacher.safetensors")
     return settings.out_dir / "teacher" / "teacher.safetensors"
@@ -387,9 +546,35 @@ def _evaluator_path(settings: Settings) -> Path:
 
 
 def _base_path(settings: Settings) -> Path:
+    if settings.base_model_path:
+        return Path(settings.base_model_path)
     if settings.uses_bundle:
         return _bundled(f"student_{settings.preset.base_steps:03d}.safetensors")
     return settings.out_dir / "base" / "student.safetensors"
+
+
+def _check_given(settings: Settings) -> None:
+    """Refuse a --teacher / --base-model / classifier that is missing or does not fit, up front."""
+    from kdiff.io import CheckpointError
+    from kdiff.recipes import check_teacher, load_classifier
+    from kdiff.schedules import schedule_from_dict
+
+    schedule = schedule_from_dict(settings.schedule)
+    checks = [(flag, path, lambda p, n=steps: check_teacher(p, schedule, n)) for flag, path, steps in (
+        ("--teacher", settings.teacher_path, settings.preset.num_timesteps),
+        ("--base-model", settings.base_model_path, settings.preset.base_steps))]
+    checks += [(flag, path, load_classifier) for flag, path in (
+        ("--guide-classifier", settings.guide_path), ("--eval-classifier", settings.eval_classifier_path))]
+    for flag, path, check in checks:
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            raise BenchmarkError(f"{flag} {path} does not exist")
+        try:
+            check(path)
+        except CheckpointError as e:
+            detail = " ".join(line.strip() for line in str(e).strip().splitlines())
+            raise BenchmarkError(f"{flag} does not fit the {settings.preset.name} preset: {detail}") from None
 
 
 def stage_teacher(settings: Settings) -> None:
@@ -397,7 +582,7 @@ def stage_teacher(settings: Settings) -> None:
     from kdiff.recipes import TeacherConfig, train_teacher
 
     path = _teacher_path(settings)
-    if settings.uses_bundle or path.is_file():
+    if settings.uses_bundle or settings.teacher_path or _agree(path.is_file()):
         _log(f"teacher: using {path}")
         return
     cfg = TeacherConfig(
@@ -413,22 +598,21 @@ def stage_teacher(settings: Settings) -> None:
 def stage_classifier(settings: Settings) -> None:
     from kdiff.recipes import ClassifierConfig, train_classifier
 
-    for role, path, overrides in (
-        ("guide", _guide_path(settings), settings.preset.guide),
-        ("eval", _evaluator_path(settings), settings.preset.evaluator),
+    for role, path, overrides, given in (
+        ("guide", _guide_path(settings), settings.preset.guide, settings.guide_path),
+        ("eval", _evaluator_path(settings), settings.preset.evaluator, settings.eval_classifier_path),
     ):
-        if settings.uses_bundle or path.is_file() or (role == "guide" and settings.guide_path) or (
-            role == "eval" and settings.eval_classifier_path
-        ):
+        if settings.uses_bundle or given or _agree(path.is_file()):
             if not path.is_file():
                 raise BenchmarkError(f"{role} classifier checkpoint {path} does not exist")
             _log(f"classifier ({role}): using {path}")
             continue
         cfg = ClassifierConfig(out_dir=str(path.parent), data_dir=settings.data_dir, device=settings.device,
-                               progress=settings.progress and _is_main(), eval_samples=10_000, **overrides)
+                               progress=settings.progress and _is_main(),
+                               eval_samples=settings.preset.classifier_eval_samples, **overrides)
         t0 = time.perf_counter()
         train_classifier(cfg)
-        acc = _sidecar(path).get("test_accuracy")
+        acc = _metadata(path).get("test_accuracy")
         _log(f"classifier ({role}): test accuracy {acc}")
         _record_stage(settings, f"classifier_{role}", {"wall_s": time.perf_counter() - t0,
                                                        "test_accuracy": acc, "config": cfg.to_dict()})
@@ -447,15 +631,16 @@ def stage_base(settings: Settings) -> None:
     from kdiff.recipes import train_distill
 
     path = _base_path(settings)
-    if settings.uses_bundle or path.is_file():
+    if settings.uses_bundle or settings.base_model_path or _agree(path.is_file()):
         _log(f"base {settings.preset.base_steps}-step model: using {path}")
         return
     teacher = _teacher_path(settings)
     if not teacher.is_file():
         raise BenchmarkError(f"teacher checkpoint {teacher} is missing; run the 'teacher' stage first")
+    p = settings.preset
     cfg = _distill_config(settings, out_dir=str(path.parent), teacher=str(teacher), method="pd",
-                          teacher_steps=settings.preset.num_timesteps, final_steps=settings.preset.base_steps,
-                          seed=0, round_overrides={"steps": settings.preset.base_round_steps})
+                          teacher_steps=p.num_timesteps, final_steps=p.base_steps, seed=0,
+                          round_overrides=settings.base_round)
     t0 = time.perf_counter()
     train_distill(cfg)
     _record_stage(settings, "base", {"wall_s": time.perf_counter() - t0, "config": cfg.to_dict()})
@@ -481,7 +666,7 @@ def stage_rounds(settings: Settings, method: str) -> None:
         raise BenchmarkError(f"guide classifier {guide} is missing; run the 'classifier' stage or pass --guide-classifier")
     for seed in settings.seeds:
         final = _student_path(settings, method, seed, settings.preset.final_steps)
-        if final.is_file():
+        if _agree(final.is_file()):
             _log(f"{method} seed {seed}: done ({final})")
             continue
         cfg = _distill_config(settings, out_dir=str(_student_dir(settings, method, seed)), teacher=str(base),
@@ -511,18 +696,16 @@ class Row:
 def rows_for(settings: Settings) -> list[Row]:
     rows: list[Row] = []
     teacher = _teacher_path(settings)
-    ladder, n = [], settings.preset.base_steps
-    while n >= 1:  # the teacher is sampled at every step count down to 1 (cheap, no training)
-        ladder.append(n)
-        n //= 2
-    for n in ladder:
+    base_steps = settings.preset.base_steps
+    # The teacher is sampled at every step count down to 1 (cheap, no training).
+    for n in [base_steps, *settings.ladder(base_steps, 1)]:
         rows.append(Row(f"teacher_{n:03d}", f"teacher DDIM, {n} step{'s' * (n > 1)}", "teacher", n,
                         {s: teacher for s in settings.seeds}))
     base = _base_path(settings)
-    rows.append(Row(f"pd_{settings.preset.base_steps:03d}", f"PD student, {settings.preset.base_steps} steps (shared base)",
-                    "pd", settings.preset.base_steps, {s: base for s in settings.seeds}))
+    rows.append(Row(f"pd_{base_steps:03d}", f"PD student, {base_steps} steps (shared base)",
+                    "pd", base_steps, {s: base for s in settings.seeds}))
     for method, name in (("pd", "PD"), ("cfd", "CFD")):
-        for n in settings.student_ladder:
+        for n in settings.ladder(base_steps, settings.preset.final_steps):
             rows.append(Row(f"{method}_{n:03d}", f"{name} student, {n} step{'s' * (n > 1)}", method, n,
                             {s: _student_path(settings, method, s, n) for s in settings.seeds}))
     return rows
@@ -534,7 +717,7 @@ def _subset(n_total: int, n: int, seed: int) -> torch.Tensor:
 
 
 class Evaluator:
-    """Holds the feature networks and the cached reference features."""
+    """The feature networks on every process; the cached reference features on rank 0."""
 
     def __init__(self, settings: Settings, device: torch.device) -> None:
         from kdiff.data import CIFAR10
@@ -553,9 +736,12 @@ class Evaluator:
         self.fast = ClassifierFeatureExtractor(clf, mean=meta["transform"]["mean"], std=meta["transform"]["std"],
                                                feature_dim=int(clf.feature_dim),
                                                name=f"eval-classifier-{meta['model']['arch']}")
+        self.refs: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}
+        if not _is_main():  # only rank 0 computes metrics
+            return
         images, _ = CIFAR10(settings.data_dir, train=True).tensors()
         settings.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.refs: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}
+        source = settings.extra["data_source"]
         for name, ext, n, seed in (("inception", self.inception, p.reference_samples, 10_001),
                                    ("fast", self.fast, p.fast_reference_samples, 10_002)):
             n = min(n, images.shape[0])
@@ -564,33 +750,50 @@ class Evaluator:
             _log(f"reference features ({name}): {n} CIFAR-10 train images")
             feats, info = reference_features(
                 ext, subset, cache_dir=settings.cache_dir, name=f"cifar10-train-{name}-{n}",
-                key_info={"dataset": "cifar10-local-copy", "split": "train", "n": n, "subset_seed": seed},
+                key_info={"dataset": "cifar10", "split": "train", "n": n, "subset_seed": seed},
                 batch_size=32 if name == "inception" else 250, device=device, progress=settings.progress,
                 return_info=True,
             )
-            self.refs[name] = (feats, {"reference_name": f"cifar10 train (local JPEG-decoded copy), {n} images, "
+            self.refs[name] = (feats, {"reference_name": f"CIFAR-10 train split from {source['folder']}, {n} images, "
                                                          f"random subset seed {seed}",
                                        "reference_hash": info["data_hash"], "cache_status": info["status"],
                                        "cache_file": info["path"]})
 
-    def score(self, images: torch.Tensor, *, seed: int, steps: int, ema: bool | None, extra: dict[str, Any]) -> dict[str, Any]:
-        from kdiff.eval import MetricProtocol, compute_features, compute_metrics
+    def features(self, images: torch.Tensor, block: range) -> dict[str, torch.Tensor]:
+        """Features of this process's samples ``block``, gathered from every process in sample order.
 
-        out: dict[str, Any] = {}
+        Inception scores the first ``inception_samples`` samples, the evaluation classifier all.
+        """
+        from kdiff.eval import compute_features, gather_rows
+
         p = self.settings.preset
+        out: dict[str, torch.Tensor] = {}
         for name, ext, n, bs in (("inception", self.inception, p.inception_samples, 32),
                                  ("fast", self.fast, p.num_samples, 250)):
-            feats = compute_features(ext, images[:n], batch_size=bs, device=self.device,
-                                     progress=self.settings.progress, desc=f"{name} features")
+            mine = images[: max(0, min(block.stop, n) - block.start)]
+            if mine.shape[0]:
+                feats = compute_features(ext, mine, batch_size=bs, device=self.device,
+                                         progress=self.settings.progress and _is_main(), desc=f"{name} features")
+            else:
+                feats = torch.zeros(0, int(ext.num_features))
+            out[name] = gather_rows(feats)
+        return out
+
+    def score(self, feats: dict[str, torch.Tensor], *, seed: int, steps: int, ema: bool | None,
+              extra: dict[str, Any]) -> dict[str, Any]:
+        from kdiff.eval import MetricProtocol, compute_metrics
+
+        out: dict[str, Any] = {}
+        for name, ext in (("inception", self.inception), ("fast", self.fast)):
             ref, info = self.refs[name]
             proto = MetricProtocol(
-                num_samples=int(feats.shape[0]), seeds=(seed,), sampler="ddim (eta=0)", sampler_steps=steps,
+                num_samples=int(feats[name].shape[0]), seeds=(seed,), sampler="ddim (eta=0)", sampler_steps=steps,
                 clipping="x_hat clipped to [-1, 1] at every step", ema=ema,
                 reference_name=info["reference_name"], reference_hash=info["reference_hash"],
                 extra={**extra, "metric": "inception" if name == "inception" else "eval-classifier features",
                        "reference_cache": info["cache_status"]},
             )
-            res = compute_metrics(ref, feats, protocol=proto, extractor=ext, seed=seed)
+            res = compute_metrics(ref, feats[name], protocol=proto, extractor=ext, seed=seed)
             out[name] = res.to_dict()
         return out
 
@@ -615,26 +818,32 @@ def _sample(model: torch.nn.Module, prediction: str, steps: int, schedule: Any, 
     wall = time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    return torch.cat(chunks), wall
+    return (torch.cat(chunks) if chunks else noise.new_zeros((0, *noise.shape[1:])).cpu()), wall
 
 
-def _file_hash(path: Path) -> str:
-    side = _sidecar(path)
-    if side.get("weights_sha256"):
-        return str(side["weights_sha256"])
-    from kdiff.eval import sha256_file
+#: Noise of sample i of a seed s: kdiff.eval.sample_noise(NOISE_SEED + s, [i], ...), whatever the process count.
+NOISE_SEED = 1_000_003
+GRID_IMAGES = 64
 
-    return sha256_file(path)
+
+def _eval_done(out_json: Path, want: dict[str, Any]) -> bool:
+    if not out_json.is_file():
+        return False
+    try:
+        return json.loads(out_json.read_text()).get("settings") == want
+    except ValueError:
+        return False
 
 
 def stage_eval(settings: Settings) -> None:
+    """Sample every row and score it; under torchrun each process samples and extracts features
+    of its block of the samples, and rank 0 computes the metrics and writes the files."""
+    from kdiff.eval import gather_rows, sample_noise, shard_range
     from kdiff.recipes import load_unet, save_image_grid
     from kdiff.schedules import schedule_from_dict
 
-    if not _is_main():
-        return
-    device = torch.device("cuda" if settings.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if settings.device == "auto" else settings.device))
+    rt = settings.runtime
+    device = rt.device
     rows = rows_for(settings)
     missing = [f"{r.key} (seed {s}): {p}" for r in rows for s, p in r.paths.items() if not p.is_file()]
     if missing:
@@ -643,67 +852,75 @@ def stage_eval(settings: Settings) -> None:
     p = settings.preset
     schedule = schedule_from_dict(settings.schedule)
     eval_dir = settings.out_dir / "eval"
-    eval_dir.mkdir(parents=True, exist_ok=True)
+    if rt.is_main:
+        eval_dir.mkdir(parents=True, exist_ok=True)
     evaluator: Evaluator | None = None
+    loaded: tuple[Path, torch.nn.Module, dict[str, Any]] | None = None
     t_eval = time.perf_counter()
+    block = shard_range(p.num_samples, rank=rt.rank, world_size=rt.world_size)
     for seed in settings.seeds:
-        g = torch.Generator().manual_seed(1_000_003 + seed)
-        noise = torch.randn(p.num_samples, 3, 32, 32, generator=g)
+        noise = sample_noise(NOISE_SEED + seed, block, (3, 32, 32))
         for row in rows:
             path = row.paths[seed]
             out_json = eval_dir / f"{row.key}_seed{seed}.json"
             want = {"num_samples": p.num_samples, "inception_samples": p.inception_samples,
                     "reference_samples": p.reference_samples, "fast_reference_samples": p.fast_reference_samples,
-                    "checkpoint_sha256": _file_hash(path), "steps": row.steps}
-            if out_json.is_file():
-                try:
-                    old = json.loads(out_json.read_text())
-                    if old.get("settings") == want:
-                        _log(f"eval {row.key} seed {seed}: done")
-                        continue
-                except ValueError:
-                    pass
+                    "checkpoint_sha256": _file_hash(path), "steps": row.steps, "noise": "per-sample seeds"}
+            if _agree(_eval_done(out_json, want)):
+                _log(f"eval {row.key} seed {seed}: done")
+                continue
             if evaluator is None:
                 evaluator = Evaluator(settings, device)
-            model, meta = load_unet(path, device=device, dropout=0.0)
-            model.eval()
-            _log(f"eval {row.key} seed {seed}: sampling {p.num_samples} images with {row.steps} DDIM steps")
+            if loaded is None or loaded[0] != path:  # the teacher rows share one network
+                loaded = (path, *load_unet(path, device=device, dropout=0.0))
+                loaded[1].eval()
+            _, model, meta = loaded
+            _log(f"eval {row.key} seed {seed}: sampling {p.num_samples} images with {row.steps} DDIM steps"
+                 + (f" on {rt.world_size} processes" if rt.distributed else ""))
             images, wall = _sample(model, meta.get("prediction_type", "x"), row.steps, schedule, noise.to(device),
-                                   p.sample_batch, settings.progress, f"sample {row.key}")
-            if not bool(torch.isfinite(images).all()):
+                                   p.sample_batch, settings.progress and rt.is_main, f"sample {row.key}")
+            finite = gather_rows(torch.isfinite(images).all().reshape(1).to(torch.int64))
+            if not bool(finite.all()):
                 raise BenchmarkError(f"{row.key} seed {seed}: samples contain NaN/inf (checkpoint {path})")
+            feats = evaluator.features(images, block)
+            grid_images = gather_rows(images[: max(0, min(block.stop, GRID_IMAGES) - block.start)])
+            walls = gather_rows(torch.tensor([wall], dtype=torch.float64))
+            if not rt.is_main:
+                continue
+            wall = float(walls.max())  # the slowest process sets the pace
             ema = meta.get("ema")
             extra = {"row": row.key, "checkpoint": str(path), "checkpoint_sha256": want["checkpoint_sha256"],
-                     "schedule": settings.schedule, "noise_seed": 1_000_003 + seed}
-            metrics = evaluator.score(images, seed=seed, steps=row.steps, ema=ema, extra=extra)
+                     "schedule": settings.schedule, "noise_seed": NOISE_SEED + seed,
+                     "noise": "sample i from kdiff.eval.sample_noise(noise_seed, [i], (3, 32, 32))"}
+            metrics = evaluator.score(feats, seed=seed, steps=row.steps, ema=ema, extra=extra)
             grid = settings.out_dir / "grids" / f"{row.key}_seed{seed}.png"
-            save_image_grid(grid, images[:64], nrow=8)
+            save_image_grid(grid, grid_images, nrow=8)
             record = {"settings": want, "row": row.key, "label": row.label, "method": row.method,
                       "steps": row.steps, "seed": seed, "checkpoint": str(path),
-                      "sampling": {"images": int(images.shape[0]), "wall_s": wall,
-                                   "images_per_s": images.shape[0] / max(wall, 1e-9),
+                      "sampling": {"images": p.num_samples, "wall_s": wall,
+                                   "images_per_s": p.num_samples / max(wall, 1e-9),
                                    "network_evaluations_per_image": row.steps, "device": str(device),
-                                   "batch_size": p.sample_batch},
+                                   "processes": rt.world_size, "batch_size": p.sample_batch},
                       "metrics": metrics, "grid": str(grid.relative_to(settings.out_dir))}
             out_json.write_text(json.dumps(record, indent=2) + "\n")
             _log(f"eval {row.key} seed {seed}: Inception FID {metrics['inception']['fid']:.2f}, "
                  f"fast FID {metrics['fast']['fid']:.3f}, {record['sampling']['images_per_s']:.1f} img/s")
-    if evaluator is not None:
+    if evaluator is not None and rt.is_main:
         (eval_dir / "references.json").write_text(json.dumps(
             {k: v[1] for k, v in evaluator.refs.items()}, indent=2) + "\n")
-    _record_stage(settings, "eval_last", {"wall_s": time.perf_counter() - t_eval})
+    _record_stage(settings, "eval_last", {"wall_s": time.perf_counter() - t_eval, "processes": rt.world_size})
 
 
 def _classifier_info(settings: Settings, path: Path, role: str) -> dict[str, Any]:
     """Architecture, seed, hash and CIFAR-10 test accuracy of a classifier checkpoint.
 
-    The accuracy comes from the checkpoint's sidecar when the classifier loop recorded it; a
-    checkpoint without one (e.g. a stronger guide passed with --guide-classifier) is scored on
+    The accuracy comes from the checkpoint's metadata when the classifier loop recorded it; a
+    checkpoint without it (e.g. a stronger guide passed with --guide-classifier) is scored on
     the test split here.
     """
-    side = _sidecar(path)
+    side = _metadata(path)
     model = side.get("model", {})
-    acc, n, source = side.get("test_accuracy"), side.get("test_samples"), "checkpoint sidecar"
+    acc, n, source = side.get("test_accuracy"), side.get("test_samples"), "checkpoint metadata"
     if acc is None:
         from kdiff.data import CIFAR10
         from kdiff.recipes import load_classifier
@@ -743,6 +960,9 @@ def stage_report(settings: Settings, wall_start: float) -> None:
         "final_steps": settings.preset.final_steps,
         "round": settings.preset.round,
         "base_round_steps": settings.preset.base_round_steps,
+        "smoke": settings.smoke,
+        "processes": settings.runtime.world_size,
+        "data_source": settings.extra["data_source"],
         "bundled_starting_points": settings.uses_bundle,
         "teacher": {"path": str(_teacher_path(settings)), "weights_sha256": _file_hash(_teacher_path(settings))},
         "base_model": {"path": str(_base_path(settings)), "weights_sha256": _file_hash(_base_path(settings))},
@@ -766,12 +986,11 @@ def stage_report(settings: Settings, wall_start: float) -> None:
 # ============================================================================ assets
 def export_assets(settings: Settings, dest: Path, wall_start: float) -> None:
     """fp16 copies of teacher, base model and classifiers, plus assets.json (command, runtime, metrics)."""
-    from kdiff.checkpoint import load_weights, save_weights
+    from kdiff.io import RESERVED_KEYS, load_weights, save_weights
 
     if not _is_main():
         return
     dest.mkdir(parents=True, exist_ok=True)
-    reserved = ("kdiff_version", "format_version", "weights_sha256", "weights_nbytes")
     files = {
         "teacher.safetensors": _teacher_path(settings),
         f"student_{settings.preset.base_steps:03d}.safetensors": _base_path(settings),
@@ -783,12 +1002,12 @@ def export_assets(settings: Settings, dest: Path, wall_start: float) -> None:
         sd, meta = load_weights(src)
         # Keep BatchNorm counters integer; store floating tensors as fp16 (loaders upcast on load).
         sd16 = {k: (v.half() if v.is_floating_point() and "classifier" not in name else v) for k, v in sd.items()}
-        meta = {k: v for k, v in meta.items() if k not in reserved}
+        meta = {k: v for k, v in meta.items() if k not in RESERVED_KEYS}
         meta["bundled_dtype"] = "float16" if "classifier" not in name else "float32"
         meta.pop("teacher", None)
         save_weights(dest / name, sd16, meta)
         record["files"][name] = {"source": str(src), "bytes": (dest / name).stat().st_size,
-                                 "weights_sha256": _sidecar(dest / name).get("weights_sha256"),
+                                 "weights_sha256": _file_hash(dest / name),
                                  "dtype": meta["bundled_dtype"],
                                  "test_accuracy": meta.get("test_accuracy")}
     record.update({
@@ -805,12 +1024,21 @@ def export_assets(settings: Settings, dest: Path, wall_start: float) -> None:
 
 # ============================================================================ main
 def run(argv: list[str] | None = None) -> int:
+    from kdiff.recipes import setup_runtime
+
     wall_start = time.perf_counter()
     args = _parse(argv)
     settings = _settings(args, argv if argv is not None else sys.argv[1:])
+    try:
+        # Under torchrun this creates the process group, once: every training loop and the
+        # evaluation below use it, and it lives until the process exits.
+        settings.runtime = setup_runtime(settings.device)
+    except RuntimeError as e:
+        raise BenchmarkError(f"--device {settings.device}: {e}") from None
     _check_writable(settings.out_dir)
     _check_writable(settings.cache_dir)
-    _check_data(settings)
+    settings.extra["data_source"] = _check_data(settings)
+    _check_given(settings)
     if "eval" in settings.stages:
         from kdiff.eval import (
             InceptionFeatureExtractor,  # noqa: F401 - fail early on missing weights
@@ -846,14 +1074,15 @@ def run(argv: list[str] | None = None) -> int:
         _log(f"stage {stage}: {time.perf_counter() - t0:.1f} s")
     if settings.export_assets is not None:
         export_assets(settings, settings.export_assets, wall_start)
+    settings.runtime.barrier()  # every process ends with rank 0's report written
     _log(f"total wall time {time.perf_counter() - wall_start:.1f} s")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdiff.checkpoint import CheckpointError
     from kdiff.data import DatasetNotFoundError
     from kdiff.eval import FeatureWeightsNotFoundError
+    from kdiff.io import CheckpointError
 
     try:
         return run(argv)

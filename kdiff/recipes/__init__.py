@@ -29,7 +29,6 @@ from .engine import (
     per_process_batch,
     save_image_grid,
     setup_runtime,
-    teardown_runtime,
 )
 from .teacher import train_teacher
 
@@ -53,7 +52,6 @@ __all__ = [
     "per_process_batch",
     "save_image_grid",
     "setup_runtime",
-    "teardown_runtime",
     "train_classifier",
     "train_distill",
     "train_teacher",

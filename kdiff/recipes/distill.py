@@ -27,8 +27,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdiff.checkpoint import CheckpointError, load_state_dict_strict, load_weights, save_weights
 from kdiff.distill import ProgressiveDistiller
+from kdiff.io import (
+    RESERVED_KEYS,
+    CheckpointError,
+    load_state_dict_strict,
+    load_weights,
+    save_weights,
+)
 from kdiff.losses import CFDLoss
 from kdiff.models import UNet, UNetConfig
 from kdiff.sampling import ddim_sample
@@ -43,17 +49,14 @@ from .engine import (
     fixed_noise,
     load_image_data,
     setup_runtime,
-    teardown_runtime,
 )
 from .teacher import unet_metadata
 
 __all__ = ["train_distill", "load_unet", "check_teacher"]
 
-_RESERVED = ("kdiff_version", "format_version", "weights_sha256", "weights_nbytes")
-
 
 def check_teacher(path: str | Path, schedule: NoiseSchedule, teacher_steps: int) -> dict[str, Any]:
-    """Read a teacher's sidecar and refuse one that does not fit the round.
+    """Read a teacher's metadata and refuse one that does not fit the round.
 
     Raises:
         CheckpointError: Missing/corrupt file, another schedule, not a UNet, or a distilled
@@ -81,7 +84,7 @@ def load_unet(path: str | Path, *, device: torch.device | str = "cpu", expected:
     Args:
         path: The ``.safetensors`` file.
         device: Where to put the model.
-        expected: Metadata that must match (see :func:`kdiff.checkpoint.load_weights`).
+        expected: Metadata that must match (see :func:`kdiff.io.load_weights`).
         **config_overrides: UNetConfig fields to change (e.g. ``dropout=0.0``).
 
     Returns:
@@ -121,22 +124,19 @@ def train_distill(config: DistillConfig, *, hooks: list[StepHook] | None = None)
         assert config.classifier is not None
         load_classifier(config.classifier)
     rt = setup_runtime(config.device)
-    try:
-        data = load_image_data(config, rt.device)
-        out_dir = Path(config.out_dir)
-        teacher_path = Path(config.teacher)
-        final = teacher_path
-        for n in config.student_steps:
-            final = _round(config, rt, schedule, data, teacher_path, n, out_dir / f"steps_{n:04d}", hooks)
-            teacher_path = final
-        result = out_dir / "student.safetensors"
-        if rt.is_main:
-            sd, meta = load_weights(final)
-            save_weights(result, sd, {k: v for k, v in meta.items() if k not in _RESERVED})
-        rt.barrier()
-        return result
-    finally:
-        teardown_runtime(rt)
+    data = load_image_data(config, rt.device)
+    out_dir = Path(config.out_dir)
+    teacher_path = Path(config.teacher)
+    final = teacher_path
+    for n in config.student_steps:
+        final = _round(config, rt, schedule, data, teacher_path, n, out_dir / f"steps_{n:04d}", hooks)
+        teacher_path = final
+    result = out_dir / "student.safetensors"
+    if rt.is_main:
+        sd, meta = load_weights(final)
+        save_weights(result, sd, {k: v for k, v in meta.items() if k not in RESERVED_KEYS})
+    rt.barrier()
+    return result
 
 
 def _round(config: DistillConfig, rt: Runtime, schedule: NoiseSchedule, data: Any, teacher_path: Path,
@@ -173,12 +173,11 @@ def _round(config: DistillConfig, rt: Runtime, schedule: NoiseSchedule, data: An
         cfd = CFDLoss(clf, temperature=config.temperature, beta=config.beta, gamma=config.gamma,
                       pixel_weight=config.pixel_weight, sync_global=config.sync_global and rt.distributed,
                       transform=transform).to(rt.device)
-    stride = distiller.stride
 
     def compute_loss(step: int) -> tuple[Tensor, dict[str, Tensor]]:
         batch = trainer.batch(step)
         g = batch.generator
-        t = trainer.draw_randint(g, 1, n + 1).to(torch.float32) * stride
+        t = distiller.student_times(trainer.draw_randint(g, 1, n + 1))
         noise = trainer.draw_randn(g, *batch.x.shape[1:])
         with trainer.autocast():
             out = distiller(batch.x, t=t, noise=noise)

@@ -3,9 +3,10 @@
 What it does, so each loop only writes its loss:
 
 * **Processes**: :func:`setup_runtime` reads torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``
-  and initialises ``torch.distributed`` (gloo on CPU, nccl on CUDA) only when
-  ``WORLD_SIZE > 1``; the model is wrapped in DDP. Each process gets ``batch_size / K`` samples
-  (:func:`per_process_batch` refuses a batch that does not divide).
+  and uses the default process group the caller created; with none and ``WORLD_SIZE > 1`` it
+  creates one (gloo on CPU, nccl on CUDA) and keeps it until the process exits, so any number of
+  loops run one after another in one process. The model is wrapped in DDP. Each process gets
+  ``batch_size / K`` samples (:func:`per_process_batch` refuses a batch that does not divide).
 * **Determinism**: the data order is a seeded permutation stream (:class:`IndexStream`) and
   every random draw of a step (flips, times, noise) comes from a generator seeded by
   ``(seed, step)`` and is drawn for the *global* batch, then sliced per process. So K processes
@@ -14,8 +15,8 @@ What it does, so each loop only writes its loss:
 * **Optimisation**: learning rate as a pure function of the step (warmup, then constant,
   cosine or step decay), global grad-norm clipping, EMA of the weights.
 * **Hardware**: bf16 autocast and ``channels_last`` on CUDA only, optional ``torch.compile``.
-* **Checkpoints**: ``out_dir/checkpoints/step_XXXXXXX/`` holds ``model.safetensors`` (+ JSON
-  sidecar), ``ema.safetensors`` and ``state.pt`` (optimizer, scheduler, step, data stream,
+* **Checkpoints**: ``out_dir/checkpoints/step_XXXXXXX/`` holds ``model.safetensors`` (weights
+  and metadata), ``ema.safetensors`` and ``state.pt`` (optimizer, scheduler, step, data stream,
   RNG states of every process); ``checkpoints/latest`` names the newest complete one and is
   replaced atomically *after* all its files are written, so a kill at any moment leaves the
   last good checkpoint.
@@ -26,6 +27,7 @@ What it does, so each loop only writes its loss:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
@@ -44,24 +46,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from kdiff.checkpoint import (
+from kdiff.io import (
     CheckpointError,
     atomic_write_bytes,
-    capture_rng_state,
     load_state_dict_strict,
     load_training_state,
     load_weights,
-    restore_rng_state,
     save_training_state,
     save_weights,
 )
 
 from .config import TrainConfig
+from .rng import capture_rng_state, restore_rng_state
 
 __all__ = [
     "Runtime",
     "setup_runtime",
-    "teardown_runtime",
     "per_process_batch",
     "IndexStream",
     "ImageData",
@@ -86,7 +86,6 @@ class Runtime:
     local_rank: int
     world_size: int
     device: torch.device
-    owns_process_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -109,15 +108,29 @@ class Runtime:
             dist.barrier()
 
 
-def setup_runtime(device: str = "auto") -> Runtime:
-    """Device and process group from torchrun's environment variables.
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
-    ``torch.distributed`` is initialised (gloo on CPU, nccl on CUDA) only when
-    ``WORLD_SIZE > 1`` and it is not initialised already.
+
+def setup_runtime(device: str = "auto") -> Runtime:
+    """Device and process group of this process, from torchrun's environment variables.
+
+    The default process group belongs to whoever created it: when the caller (a script run
+    under torchrun) has initialised ``torch.distributed``, it is used as it is and never
+    destroyed here. When it is not initialised and ``WORLD_SIZE > 1``, it is created (gloo on
+    CPU, nccl on CUDA) and kept for the life of the process (destroyed at exit): PyTorch does
+    not reliably support destroying and re-creating the default group, so several loops run in
+    one process share one group.
 
     Args:
         device: "auto", "cpu", "cuda" or "cuda:<i>"; under torchrun, "auto"/"cuda" use
             ``cuda:<LOCAL_RANK>``.
+
+    Example:
+        >>> rt = setup_runtime("cpu")  # one process: no process group is created
+        >>> (rt.rank, rt.world_size, rt.device.type)
+        (0, 1, 'cpu')
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -131,19 +144,12 @@ def setup_runtime(device: str = "auto") -> Runtime:
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
-    owns = False
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-        owns = True
+        atexit.register(_destroy_process_group)
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-    return Runtime(rank=rank, local_rank=local, world_size=world, device=dev, owns_process_group=owns)
-
-
-def teardown_runtime(rt: Runtime) -> None:
-    """Destroy the process group if :func:`setup_runtime` created it."""
-    if rt.owns_process_group and dist.is_initialized():
-        dist.destroy_process_group()
+    return Runtime(rank=rank, local_rank=local, world_size=world, device=dev)
 
 
 def per_process_batch(global_batch: int, world_size: int) -> int:
