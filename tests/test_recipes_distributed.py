@@ -187,16 +187,27 @@ def test_loops_in_one_process_share_one_process_group(tmp_path, owner):
                                 eval_samples=4, **FAST)
     distill = DistillConfig.tiny(out_dir=str(tmp_path / "d"), teacher="", teacher_steps=8, final_steps=4, steps=1,
                                  batch_size=4, method="cfd", classifier="unused", **FAST)
-    for name, c in (("teacher", teacher), ("classifier", clf), ("distill", distill)):
-        _write_config(c, tmp_path / f"{name}.json")
-    script = tmp_path / "sequence.py"
-    script.write_text(SEQUENCE)
-    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(script), owner, str(tmp_path)],
-                          env=_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    result = json.loads((tmp_path / "result.json").read_text())
+    # On CPU, gloo's teardown at process exit aborts now and then ("terminate called without an
+    # active exception", SIGABRT) after the work is done; one new attempt in a fresh folder rules
+    # that out, and a real failure (a hang, a missing group, a wrong result) fails both.
+    failures = []
+    for attempt in range(2):
+        folder = tmp_path / f"attempt{attempt}"
+        folder.mkdir()
+        for name, c in (("teacher", teacher), ("classifier", clf), ("distill", distill)):
+            _write_config(c.replace(out_dir=str(folder / c.out_dir.rsplit("/", 1)[-1])), folder / f"{name}.json")
+        script = folder / "sequence.py"
+        script.write_text(SEQUENCE)
+        proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(script), owner, str(folder)],
+                              env=_env(), capture_output=True, text=True, timeout=240)
+        if proc.returncode == 0:
+            break
+        failures.append(proc.stdout[-2000:] + proc.stderr[-3000:])
+    else:
+        pytest.fail("\n----\n".join(failures))
+    result = json.loads((folder / "result.json").read_text())
     assert result == {"same_group": True, "sum": 3, "world": 2}
-    assert (tmp_path / "d" / "student.safetensors").is_file()
+    assert (folder / "d" / "student.safetensors").is_file()
 
 
 # ------------------------------------------------------------------------------ kill and resume

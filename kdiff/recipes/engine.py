@@ -109,8 +109,13 @@ class Runtime:
 
 
 def _destroy_process_group() -> None:
+    # At exit, ranks reach this at different times; a gloo rank whose peers have already torn
+    # down their group can abort in its own teardown. Meeting first lets all end together.
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def setup_runtime(device: str = "auto") -> Runtime:
