@@ -39,6 +39,7 @@ __all__ = [
     "ddim_step_coeffs",
     "pd_target",
     "pd_loss",
+    "weight_pd_error",
     "resolve_weighting",
     "WEIGHTINGS",
     "feature_kl_loss",
@@ -297,15 +298,18 @@ def pd_loss(
     dtype = _loss_dtype(x_hat)
     err = (x_hat.to(dtype) - x_tilde.to(dtype)).square().flatten(1).mean(1)
     snr = (alpha_t.to(dtype) / sigma_t.to(dtype)).square()
+    return _reduce_per_example(weight_pd_error(err, snr, weighting), reduction)
+
+
+def weight_pd_error(err: Tensor, snr: Tensor, weighting: str) -> Tensor:
+    """Per-example x-error ``mean (x_hat - x_tilde)^2`` [B] weighted as :func:`pd_loss` says."""
     if weighting == "truncated_snr":
-        per_example = err * snr.clamp_min(1.0)
-    elif weighting == "snr_plus_one":
-        per_example = err * (snr + 1.0)
-    elif weighting == "eps_mse":
-        per_example = err * snr
-    else:
-        per_example = err
-    return _reduce_per_example(per_example, reduction)
+        return err * snr.clamp_min(1.0)
+    if weighting == "snr_plus_one":
+        return err * (snr + 1.0)
+    if weighting == "eps_mse":
+        return err * snr
+    return err
 
 
 def resolve_weighting(weighting: str, prediction_type: str, *, stacklevel: int = 2) -> str:

@@ -273,18 +273,5 @@ def pd_target_loss(
     )
     # pd_loss's weighting on the per-sample errors [B].
     snr = (a_t.to(torch.float32) / s_t.to(torch.float32)).square()
-    if weighting == "truncated_snr":
-        per_example = err * snr.clamp_min(1.0)
-    elif weighting == "snr_plus_one":
-        per_example = err * (snr + 1.0)
-    elif weighting == "eps_mse":
-        per_example = err * snr
-    else:
-        per_example = err
-    if reduction == "none":
-        loss = per_example
-    elif reduction == "sum":
-        loss = per_example.sum()
-    else:
-        loss = per_example.mean()
+    loss = F._reduce_per_example(F.weight_pd_error(err, snr, weighting), reduction)
     return PDTargetLossOutput(loss, x_tilde, eps_tilde)
