@@ -450,3 +450,45 @@ def test_cli_missing_data_ends_without_a_traceback(tmp_path):
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_redirected_progress_prints_a_few_whole_lines(capsys):
+    from kdiff.recipes.engine import _progress
+
+    bar = _progress(1000, 0, True, "teacher")  # pytest's captured stderr is not a terminal
+    for step in range(1000):
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss="0.25")
+    bar.close()
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "\r" not in err
+    assert 3 <= len(lines) <= 12, lines
+    assert lines[0] == "teacher: step 0/1000, started"
+    assert lines[-1].startswith("teacher: step 1000/1000, done in") and lines[-1].endswith("loss 0.25")
+    assert "step 500/1000 (50%)" in err
+
+
+def test_progress_off_prints_nothing(capsys):
+    from kdiff.recipes.engine import _progress
+
+    assert _progress(10, 0, False, "teacher") is None
+    assert capsys.readouterr().err == ""
+
+
+def test_mixed_precision_autocasts_where_bf16_is_native(tmp_path, monkeypatch):
+    import kdiff.recipes.engine as engine
+
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rt = engine.setup_runtime("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(engine, "native_bf16", lambda device, n=native: n)
+        for mixed in (True, False):
+            cfg = TeacherConfig(out_dir=str(tmp_path), device="cpu", mixed_precision=mixed)
+            trainer = engine.Trainer(cfg, rt, name="t", model=model, optimizer=optimizer, data=[0] * 8,
+                                     total_steps=1, out_dir=tmp_path, metadata={})
+            with trainer.autocast():
+                dtype = model(torch.ones(1, 4)).dtype
+            assert dtype == (torch.bfloat16 if native and mixed else torch.float32), (native, mixed)

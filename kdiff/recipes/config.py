@@ -132,7 +132,9 @@ class TrainConfig:
     sample_every: int = _opt(0, "Steps between PNG sample grids (0: only at the end; -1: never).")
     num_samples: int = _opt(64, "Images per sample grid.")
     device: str = _opt("auto", "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:<i>'.")
-    mixed_precision: bool = _opt(True, "bf16 autocast on CUDA (ignored on CPU).")
+    mixed_precision: bool = _opt(
+        True, "bf16 autocast where the device computes bf16 natively (CUDA Ampere+, CPUs with AVX512-BF16/AMX)."
+    )
     channels_last: bool = _opt(True, "channels_last memory format on CUDA (ignored on CPU).")
     compile: bool = _opt(False, "Compile the training forward with torch.compile.")
     progress: bool = _opt(True, "Show a tqdm progress bar (rank 0).")
