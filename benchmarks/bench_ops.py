@@ -2,6 +2,7 @@
 
     python benchmarks/bench_ops.py --quick --device cpu --out benchmarks/results/ops_cpu.json
     python benchmarks/bench_ops.py --device cuda --out benchmarks/results/ops_<gpu>.json
+    python benchmarks/bench_ops.py --device cuda --time-budget 60 ...   # stops starting rows after 60 s
 
 For each op (the tempered feature KL, the dataset-oriented loss, the PD target chain + loss),
 size and dtype, four variants:
@@ -243,7 +244,10 @@ def main() -> None:
     parser.add_argument("--bandwidth-mib", type=int, default=None, help="copy size for the bandwidth figure (default 1024 on CUDA, 64 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (a shared machine: 1 steadies the figures)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ops.json"))
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: start no new row after this (the JSON records where it stopped)")
     args = parser.parse_args()
+    started = time.monotonic()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -305,6 +309,15 @@ def main() -> None:
                 inputs = make_inputs()
                 for variant in (v for v in phase if v in variants):
                     for mode in args.modes:
+                        if args.time_budget is not None and time.monotonic() - started > args.time_budget:
+                            result["stopped_early"] = (
+                                f"time budget of {args.time_budget:g} s reached before {op} {variant} {mode} "
+                                f"{dtype_name} {shape}; later rows were not run"
+                            )
+                            args.out.write_text(json.dumps(result, indent=2) + "\n")
+                            print(result["stopped_early"])
+                            print(f"wrote {args.out}")
+                            return
                         row = {"op": op, "variant": variant, "mode": mode, "dtype": dtype_name, "shape": shape,
                                "bytes": nbytes[mode], **_run(variants[variant], inputs, mode, device, args)}
                         if "median_ms" in row:

@@ -1,37 +1,45 @@
-"""Time one whole PD step and one whole CFD step three ways, with the reference UNet.
+"""Time one whole PD step and one whole CFD step four ways, with the reference UNet.
 
-    python benchmarks/bench_step.py --quick --device cpu --out benchmarks/results/step_cpu.json
+    python benchmarks/bench_step.py --quick --device cpu --threads 2 --out benchmarks/results/step_cpu.json
     python benchmarks/bench_step.py --device cuda --out benchmarks/results/step_<gpu>.json
 
 A step is the teacher's two DDIM half-steps (no gradient), the student's forward and backward,
 for CFD the frozen classifier on both images (``x_tilde`` without gradient, ``x_hat`` with), the
-loss, gradient clipping (norm 1) and an Adam update. Three variants of the same step:
+loss, gradient clipping (norm 1) and an Adam update. Variants of the same step:
 
 * ``a`` (paper-style): float32, eager, written out as the paper's code does it, from
   docs/method.md: the discrete cosine table, the teacher half-steps under ``torch.no_grad``,
   ``x_tilde``, the truncated-SNR loss (PD) or
   ``F.kl_div(F.log_softmax(f_S), F.softmax(f_T / tau))`` + ``beta (gamma H + (1 - gamma) Dv)``
-  (CFD) with plain torch ops;
-* ``b`` (kdiff eager): :class:`kdiff.train_step.DistillationStep` in float32, no compile;
-* ``c`` (kdiff fast): the same with ``autocast_dtype="auto"`` (bf16 where the device computes
-  it natively), ``channels_last`` (``--channels-last auto``: on CUDA only; in eager bf16 it
-  slowed the CFD step on an AVX512-BF16 CPU) and ``compile=True`` (Inductor;
-  ``--no-compile`` leaves it out). :mod:`kdiff.ops` is not part of the step (the CFD and PD losses run through
-  :mod:`kdiff.functional`, which Inductor fuses under ``torch.compile``); the JSON records what
-  ``kdiff.ops`` would dispatch to.
+  (CFD) with plain torch ops; ``torch.optim.Adam`` in its default form;
+* ``b`` (kdiff eager): :class:`kdiff.train_step.DistillationStep` in float32, no compile, the
+  same optimizer as ``a``;
+* ``c`` (kdiff fast path, eager): ``DistillationStep`` with its defaults, ``autocast_dtype="auto"``
+  (bf16 where the device computes it natively) and ``channels_last="auto"`` (on for CUDA only;
+  ``--channels-last`` overrides), and ``Adam(fused=True)`` (``--no-fused-adam`` leaves it out).
+  On CUDA the distiller and the CFD loss dispatch to :mod:`kdiff.ops`' Triton kernels
+  (``impl="auto"``);
+* ``c_compiled``: ``c`` with ``compile=True`` (Inductor; under ``torch.compile`` the losses take
+  the torch path, which Inductor fuses). ``--no-compile`` leaves it out.
 
-All three start from the same weights and see the same batch, times and noise. Before timing,
-one step of each is compared with ``a``: ``b`` must agree to float32 rounding and ``c`` to
-bfloat16's (loss and the clipped gradient of the student's first convolution); the run stops if
-not. Steps are then timed alternately (a, b, c, a, b, c, ...), each variant updating its own
-student, and the JSON gets the median and spread per variant, images/s, the ratios b/a and c/a,
-the compile time of ``c`` (its first call minus a steady step), and the peak memory of one
-step over what was resident before it, measured after all timings: ``torch.cuda.max_memory_allocated``
-on CUDA; on CPU the peak resident set size (Linux ``/proc/self/status`` VmHWM after resetting it
-through ``/proc/self/clear_refs``), with glibc told to return freed tensors to the OS at once
-(``mallopt``) so the resident set follows the live tensors: an approximate figure. Besides the
-ratio of medians, ``paired_ratios`` is the median of per-round ratios, which a load that drifts
-during the run (a shared machine) disturbs less.
+All start from the same weights and see the same batch, times and noise. Before timing, one step
+of each is compared with ``a``: ``b`` must agree to float32 rounding and ``c``/``c_compiled`` to
+bfloat16's (loss and the clipped gradient of the student's first convolution; see ``TOL``); if
+not, the run goes on and exits with an error after writing the JSON. That first step also gives
+the compile time (its duration minus a steady step), which is not part of any timing. Steps are then timed in rounds, each variant once per round and the order
+rotated from round to round (so no variant always follows the same one), each variant updating
+its own student. The JSON gets per variant the median and spread of the wall time, images/s, on
+CPU the median process CPU time (which time-slicing by other processes on a shared machine does
+not stretch), the ratios to ``a`` (of the medians, the median of per-round ratios
+``paired_ratios``, and on CPU ``cpu_time_ratios``), and the targets those ratios are held to.
+
+Memory, measured after all timings: the peak of one step over what was allocated before it
+(``torch.cuda.max_memory_allocated`` on CUDA; on CPU the live tensor storage, from the allocation
+and free events of ``torch.profiler(profile_memory=True)``), next to the same figure for the
+student's forward and backward plus, for CFD, the classifier's forward and backward on the
+student's images (same precision and layout, eager): the step may cost at most 10% more
+(``memory_over_reference``). On CUDA each kdiff variant also runs one step under
+``torch.cuda.set_sync_debug_mode("error")`` (``sync_free``; a host sync fails the run).
 
 Inductor's cache goes to a fresh temporary folder unless ``--warm-cache``, so the compile time
 is that of a first run.
@@ -40,12 +48,12 @@ is that of a first run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -60,15 +68,26 @@ from torch import Tensor, nn
 
 from kdiff import CFDLoss, ClassifierTransform, DiscreteSchedule, ProgressiveDistiller
 from kdiff.models import ResNet18, SmallCNN, UNet, UNetConfig
-from kdiff.train_step import DistillationStep, native_bf16, resolve_autocast_dtype
+from kdiff.train_step import (
+    DistillationStep,
+    native_bf16,
+    resolve_autocast_dtype,
+    resolve_channels_last,
+)
 
 T_BASE = 1024  # the paper's discrete cosine table
 TAU, BETA, GAMMA = 0.95, 0.003, 0.75  # the paper's ResNet-18 setting
 LR, GRAD_CLIP = 5e-5, 1.0  # a PD/CFD round (docs/method.md §4)
-# Agreement with the paper-style step: relative error of the loss, and of the gradient (norm of
-# the difference over the norm). float32: rounding of a different but equivalent formula; bf16:
-# 8 mantissa bits through a few dozen layers.
-TOL = {"float32": {"loss": 1e-4, "grad": 1e-3}, "bfloat16": {"loss": 5e-2, "grad": 0.15}}
+# Agreement with the paper-style step: relative error of the loss, and of the gradient of the
+# student's first convolution (norm of the difference over the norm), per dtype and kind.
+# float32: rounding of a different but equivalent formula. bfloat16: 8 mantissa bits through a
+# few dozen layers; for CFD the gradient also comes back through the classifier's bf16 backward,
+# and at toy sizes it differed from float32 by about a quarter of its norm (eager and Inductor
+# alike), so there the check catches a wrong or missing term, not rounding.
+TOL = {
+    "float32": {"pd": {"loss": 1e-4, "grad": 1e-3}, "cfd": {"loss": 1e-4, "grad": 1e-3}},
+    "bfloat16": {"pd": {"loss": 5e-2, "grad": 0.15}, "cfd": {"loss": 5e-2, "grad": 0.4}},
+}
 
 
 # ------------------------------------------------------------------ (a) the paper-style step
@@ -134,6 +153,12 @@ class PaperStep:
 
 
 # ------------------------------------------------------------------------------ measuring
+FAST = ("c", "c_compiled")  # the kdiff fast-path variants
+TARGETS = {"b/a": 1.02, "c/a": 0.55, "c_compiled/a": 0.55}  # step-time ratios (the CPU targets)
+MEMORY_TARGET = 1.10  # step peak over student (+ classifier) forward and backward
+CHANNELS_LAST = {"auto": "auto", "on": True, "off": False}  # --channels-last -> DistillationStep
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -146,67 +171,43 @@ def _percentile(samples: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def _rss_kib() -> tuple[int, int] | None:
-    """``(VmRSS, VmHWM)`` in KiB from /proc/self/status, or None where it does not exist."""
+def _cpu_tensor_peak_bytes(fn: Callable[[], object]) -> int | None:
+    """Peak of live CPU tensor storage during ``fn()`` over what was live before it, in bytes.
+
+    From the allocation and free events that ``torch.profiler(profile_memory=True)`` records for
+    torch's CPU allocator (tensors, and oneDNN buffers taken from it), in time order; None where
+    the profiler does not expose them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
     try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
+        events = [
+            (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+        ]
+    except AttributeError:
         return None
-    rss, hwm = re.search(r"VmRSS:\s+(\d+)", text), re.search(r"VmHWM:\s+(\d+)", text)
-    return (int(rss.group(1)), int(hwm.group(1))) if rss and hwm else None
+    live = peak = 0
+    for _, nbytes in sorted(events):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
-def _set_glibc_malloc(mmap_threshold: int, trim_threshold: int) -> bool:
-    """Set glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` (False where that is not glibc)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(libc.mallopt(m_trim_threshold, trim_threshold))
-    except (OSError, AttributeError):
-        return False
-
-
-def _return_freed_memory_to_the_os() -> bool:
-    """Serve allocations of 64 KiB and more by mmap, freed back to the OS at once, so the resident
-    set follows the live tensors. Slows allocation: only for the memory phase."""
-    return _set_glibc_malloc(64 * 1024, 0)
-
-
-def _restore_malloc_defaults() -> None:
-    _set_glibc_malloc(128 * 1024, 128 * 1024)  # glibc's initial values
-
-
-def peak_memory_mib(step: Callable[[], object], device: torch.device) -> tuple[float | None, str]:
-    """Peak memory of one ``step()`` over what was resident before it, in MiB, and the method."""
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> tuple[float | None, str]:
+    """Peak memory of ``fn()`` over what was allocated before it, in MiB, and the method."""
     if device.type == "cuda":
         _sync(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        step()
+        fn()
         _sync(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20, "torch.cuda.max_memory_allocated"
-    mmapped = _return_freed_memory_to_the_os()
-    step()  # allocations of the measured step then take fresh mmaps, not cached heap memory
-    try:  # Linux: writing 5 resets the peak resident set size (VmHWM) to the current one
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _rss_kib()
-    except OSError:
-        before = None
-    if before is None:
-        return None, "unavailable (no writable /proc/self/clear_refs)"
-    step()
-    after = _rss_kib()
-    assert after is not None
-    method = "peak RSS (VmHWM after clear_refs) - RSS before; approximate"
-    if mmapped:
-        method += "; glibc mmap threshold 64 KiB, so freed tensors leave the RSS"
-    else:
-        method += "; the allocator may reuse freed memory, so this can undercount"
-    return (after[1] - before[0]) / 1024, method
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20, "torch.cuda.max_memory_allocated - allocated before"
+    peak = _cpu_tensor_peak_bytes(fn)
+    method = ("live CPU tensor storage: running sum of the allocation/free events of "
+              "torch.profiler(profile_memory=True), peak over the start")
+    return (None, "unavailable (the profiler exposes no memory events)") if peak is None else (peak / 2**20, method)
 
 
 def _grad_of(model: nn.Module) -> Tensor:
@@ -249,8 +250,8 @@ def _ops_dispatch(device: torch.device) -> str:
     except Exception as err:  # noqa: BLE001 - any import failure means "not available"
         return f"kdiff.ops does not import ({type(err).__name__}); not used"
     impl = resolve_impl("auto", torch.zeros(2, 2, device=device), op="feature_kl_loss")
-    return (f"not used by the step; kdiff.ops impl='auto' would take the {impl} path eagerly and "
-            "the torch path under torch.compile")
+    return (f"b and c (eager): the distiller and the CFD loss run kdiff.ops' {impl} path (impl='auto'); "
+            "c_compiled: the torch path, fused by Inductor")
 
 
 def build(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -269,20 +270,48 @@ def build(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return {"config": cfg, "teacher": teacher, "student": student, "classifier": classifier}
 
 
-def make_variants(nets: dict[str, Any], kind: str, args: argparse.Namespace,
-                  device: torch.device) -> dict[str, tuple[Callable[..., Tensor], nn.Module]]:
-    """``{name: (step(x, t, eps) -> loss, student)}`` for the variants asked for."""
-    out: dict[str, tuple[Callable[..., Tensor], nn.Module]] = {}
+class Variant:
+    """One way of running the step: ``step(x, t, eps) -> loss`` and ``reference(x, t, eps)``, the
+    student's (and for CFD the classifier's on ``x_hat``) forward and backward alone."""
+
+    def __init__(self, step: Callable[[Tensor, Tensor, Tensor], Tensor], student: nn.Module,
+                 classifier: nn.Module | None, schedule: DiscreteSchedule,
+                 amp_dtype: torch.dtype | None, channels_last: bool) -> None:
+        self.step, self.student, self.classifier = step, student, classifier
+        self.schedule, self.amp_dtype, self.channels_last = schedule, amp_dtype, channels_last
+
+    def reference(self, x: Tensor, t: Tensor, eps: Tensor) -> None:
+        a_t, s_t = self.schedule.alpha_sigma(t, dtype=x.dtype)
+        z_t = a_t.view(-1, 1, 1, 1) * x + s_t.view(-1, 1, 1, 1) * eps
+        if self.channels_last:
+            z_t = z_t.contiguous(memory_format=torch.channels_last)
+        self.student.zero_grad(set_to_none=True)
+        amp = (contextlib.nullcontext() if self.amp_dtype is None
+               else torch.autocast(x.device.type, dtype=self.amp_dtype))
+        with amp:
+            x_hat = self.student(z_t, t)
+            if self.classifier is None:
+                loss = x_hat.float().square().mean()
+            else:
+                logits, feats = self.classifier(x_hat)
+                loss = logits.float().logsumexp(1).mean() + feats.float().square().mean()
+        loss.backward()
+
+
+def make_variants(nets: dict[str, Any], kind: str, args: argparse.Namespace, device: torch.device) -> dict[str, Variant]:
+    """The variants asked for, each with its own copies of the networks and its own optimizer."""
+    out: dict[str, Variant] = {}
     schedule = DiscreteSchedule.cosine(T_BASE)
     for name in args.variants:
         teacher = copy.deepcopy(nets["teacher"])
         student = copy.deepcopy(nets["student"])
         classifier = copy.deepcopy(nets["classifier"]) if kind == "cfd" else None
-        optimizer = torch.optim.Adam(student.parameters(), lr=LR)
+        fast = name in FAST
+        optimizer = torch.optim.Adam(student.parameters(), lr=LR, **({"fused": True} if fast and args.fused_adam else {}))
         if name == "a":
             paper = PaperStep(teacher, student, classifier, optimizer,
                               num_student_steps=args.student_steps, device=device)
-            out[name] = (paper, student)
+            out[name] = Variant(paper, student, classifier, schedule, None, False)
             continue
         pd = ProgressiveDistiller(teacher, student, schedule, args.student_steps,
                                   teacher_prediction="x", student_prediction="x", weighting="truncated_snr")
@@ -291,14 +320,38 @@ def make_variants(nets: dict[str, Any], kind: str, args: argparse.Namespace,
             classifier, temperature=TAU, beta=BETA, gamma=GAMMA,
             transform=ClassifierTransform(output_range=(-1, 1), clamp=False),
         )
-        fast = name == "c"
+        channels_last = CHANNELS_LAST[args.channels_last] if fast else False
         step = DistillationStep(
             pd, cfd=cfd, optimizer=optimizer, grad_clip=GRAD_CLIP,
-            autocast_dtype="auto" if fast else None, channels_last=fast and args.channels_last == "on",
-            compile=fast and not args.no_compile,
+            autocast_dtype="auto" if fast else None, channels_last=channels_last,
+            compile=name == "c_compiled",
+            compile_options={"backend": args.compile_backend} if args.compile_backend != "inductor" else None,
         )
-        out[name] = ((lambda x, t, eps, step=step: step(x, t=t, noise=eps).loss), student)
+        out[name] = Variant(
+            lambda x, t, eps, step=step: step(x, t=t, noise=eps).loss, student, classifier, schedule,
+            step.resolved_autocast_dtype(device), step.resolved_channels_last(device),
+        )
     return out
+
+
+def _round_order(names: list[str], r: int) -> list[str]:
+    """Round r runs the variants rotated by r, so none always follows the same one."""
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
+def _sync_free(v: Variant, inputs: tuple[Tensor, Tensor, Tensor], device: torch.device) -> dict[str, Any]:
+    """One step under torch.cuda.set_sync_debug_mode("error"): any host sync raises."""
+    _sync(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        v.step(*inputs)
+        return {"ok": True}
+    except RuntimeError as err:
+        return {"ok": False, "error": str(err)[:300]}
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        _sync(device)
 
 
 def run_kind(kind: str, nets: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -310,44 +363,49 @@ def run_kind(kind: str, nets: dict[str, Any], args: argparse.Namespace, device: 
     t = (k * (T_BASE // args.student_steps)).float().to(device)
     eps = torch.randn(B, 3, size, size, generator=g).to(device)
     result: dict[str, Any] = {"variants": {}, "agreement": {}}
+    on_cpu = device.type == "cpu"
 
-    # 1. One step of each from the same weights: agreement with (a), and (c)'s compile time.
+    # 1. One step of each from the same weights: agreement with (a), and the compile time.
     first: dict[str, float] = {}
     ref_loss = ref_grad = None
-    for name, (step, student) in variants.items():
+    for name, v in variants.items():
         _sync(device)
         start = time.perf_counter()
-        loss = step(x, t, eps)
+        loss = v.step(x, t, eps)
         _sync(device)
         first[name] = time.perf_counter() - start
         if name == "a":
-            ref_loss, ref_grad = loss.float(), _grad_of(student)
+            ref_loss, ref_grad = loss.float(), _grad_of(v.student)
         elif ref_loss is not None:
-            dtype = "bfloat16" if name == "c" and resolve_autocast_dtype("auto", device) else "float32"
+            dtype = "bfloat16" if v.amp_dtype is not None else "float32"
             err = {"loss": float((loss.float() - ref_loss).abs() / ref_loss.abs().clamp_min(1e-30)),
-                   "grad": _rel(_grad_of(student), ref_grad)}
-            ok = all(err[q] <= TOL[dtype][q] for q in err)
-            result["agreement"][f"{name}_vs_a"] = {"dtype": dtype, "rel_error": err, "tolerance": TOL[dtype], "ok": ok}
-            if not ok:
-                raise AssertionError(f"{kind}: variant {name} disagrees with the paper-style step: {err} > {TOL[dtype]}")
+                   "grad": _rel(_grad_of(v.student), ref_grad)}
+            tol = TOL[dtype][kind]
+            ok = all(err[q] <= tol[q] for q in err)
+            result["agreement"][f"{name}_vs_a"] = {"dtype": dtype, "rel_error": err, "tolerance": tol, "ok": ok}
+            if not ok:  # timed anyway (the run is not repeated cheaply), but the exit status fails
+                print(f"error: {kind}: variant {name} disagrees with the paper-style step: {err} > {tol}", flush=True)
         print(f"{kind} {name}: first step {first[name]:.2f} s, loss {float(loss):.6g}", flush=True)
 
-    # 2. Warm-up, then alternate a, b, c, a, b, c, ...
-    for _ in range(args.warmup):
-        for step, _student in variants.values():
-            step(x, t, eps)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        for name, (step, _student) in variants.items():
+    # 2. Warm-up, then rounds in rotated order.
+    names = list(variants)
+    for r in range(args.warmup):
+        for name in _round_order(names, r):
+            variants[name].step(x, t, eps)
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.repeats):
+        for name in _round_order(names, r):
             _sync(device)
-            start = time.perf_counter()
-            step(x, t, eps)
+            c0, w0 = time.process_time(), time.perf_counter()
+            variants[name].step(x, t, eps)
             _sync(device)
-            times[name].append(time.perf_counter() - start)
-    for name in variants:
-        samples = times[name]
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+    for name in names:
+        samples = wall[name]
         median = statistics.median(samples)
-        result["variants"][name] = {
+        row: dict[str, Any] = {
             "median_s": round(median, 5),
             "p25_s": round(_percentile(samples, 0.25), 5),
             "p75_s": round(_percentile(samples, 0.75), 5),
@@ -357,20 +415,62 @@ def run_kind(kind: str, nets: dict[str, Any], args: argparse.Namespace, device: 
             "first_step_s": round(first[name], 3),
             "samples_s": [round(s, 5) for s in samples],
         }
-        print(f"{kind} {name}: median {median:.4f} s ({B / median:.1f} img/s)", flush=True)
-    if "c" in variants and not args.no_compile:
-        result["compile_s"] = round(first["c"] - result["variants"]["c"]["median_s"], 2)
+        if on_cpu:
+            row["cpu_median_s"] = round(statistics.median(cpu[name]), 5)
+        result["variants"][name] = row
+        print(f"{kind} {name}: median {median:.4f} s ({B / median:.1f} img/s)"
+              + (f", CPU time {row['cpu_median_s']:.4f} s" if on_cpu else ""), flush=True)
+    if "c_compiled" in variants:
+        result["compile_s"] = round(first["c_compiled"] - result["variants"]["c_compiled"]["median_s"], 2)
     if "a" in variants:
+        others = [n for n in names if n != "a"]
         base = result["variants"]["a"]["median_s"]
-        result["ratios"] = {f"{n}/a": round(v["median_s"] / base, 4) for n, v in result["variants"].items() if n != "a"}
+        result["ratios"] = {f"{n}/a": round(result["variants"][n]["median_s"] / base, 4) for n in others}
         # Within a round the variants run back to back, so the median of per-round ratios is
         # less sensitive than the ratio of medians to a load that drifts during the run.
         result["paired_ratios"] = {
-            f"{n}/a": round(statistics.median(b / a for b, a in zip(times[n], times["a"], strict=True)), 4)
-            for n in variants if n != "a"
+            f"{n}/a": round(statistics.median(b / a for b, a in zip(wall[n], wall["a"], strict=True)), 4) for n in others
         }
-    result["_measure"] = {name: (lambda step=step: step(x, t, eps)) for name, (step, _s) in variants.items()}
+        if on_cpu:
+            cpu_base = result["variants"]["a"]["cpu_median_s"]
+            result["cpu_time_ratios"] = {f"{n}/a": round(result["variants"][n]["cpu_median_s"] / cpu_base, 4) for n in others}
+    result["_run"] = {"variants": variants, "inputs": (x, t, eps)}
     return result
+
+
+def measure_memory(kind: str, res: dict[str, Any], run: dict[str, Any], device: torch.device) -> None:
+    """Peak memory of one step and of its reference per variant, after the timings."""
+    variants: dict[str, Variant] = run["variants"]
+    x, t, eps = run["inputs"]
+    for name, v in variants.items():
+        # Both start without gradients (the step sets them to None first anyway): memory freed
+        # during a call but allocated before it is invisible to the profiler.
+        v.student.zero_grad(set_to_none=True)
+        step_mib, method = peak_memory_mib(lambda v=v: v.step(x, t, eps), device)
+        v.student.zero_grad(set_to_none=True)
+        ref_mib, _ = peak_memory_mib(lambda v=v: v.reference(x, t, eps), device)
+        row = res["variants"][name]
+        row["peak_memory_mib"] = None if step_mib is None else round(step_mib, 2)
+        row["reference_memory_mib"] = None if ref_mib is None else round(ref_mib, 2)
+        if step_mib is not None and ref_mib:
+            row["memory_over_reference"] = round(step_mib / ref_mib, 4)
+        res["memory_method"] = method
+        print(f"{kind} {name}: peak memory of a step {row['peak_memory_mib']} MiB, "
+              f"reference {row['reference_memory_mib']} MiB", flush=True)
+
+
+def targets(res: dict[str, Any]) -> dict[str, Any]:
+    """Which ratio meets which target (time: b/a <= 1.02, c/a <= 0.55; memory: <= 1.10)."""
+    out: dict[str, Any] = {}
+    for ratio, limit in TARGETS.items():
+        got = {stat: res[stat][ratio] <= limit for stat in ("ratios", "paired_ratios", "cpu_time_ratios")
+               if ratio in res.get(stat, {})}
+        if got:
+            out[f"{ratio} <= {limit}"] = got
+    mem = {n: v["memory_over_reference"] <= MEMORY_TARGET for n, v in res["variants"].items() if "memory_over_reference" in v}
+    if mem:
+        out[f"memory_over_reference <= {MEMORY_TARGET}"] = mem
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -384,12 +484,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=None, help="default 128 (32 with --quick)")
     parser.add_argument("--student-steps", type=int, default=4, help="N (the teacher takes 2N)")
     parser.add_argument("--kinds", nargs="+", choices=["pd", "cfd"], default=["pd", "cfd"])
-    parser.add_argument("--variants", nargs="+", choices=["a", "b", "c"], default=["a", "b", "c"])
+    parser.add_argument("--variants", nargs="+", choices=["a", "b", *FAST], default=None,
+                        help="default all (without c_compiled under --no-compile)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 20; 7 with --quick)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds after the first step (default 3; 1 with --quick)")
-    parser.add_argument("--no-compile", action="store_true", help="variant c without torch.compile")
+    parser.add_argument("--no-compile", action="store_true", help="leave out c_compiled")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of c_compiled (aot_eager: a quick check of the pipeline)")
     parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
-                        help="variant c's memory format (auto: on for CUDA, off for CPU)")
+                        help="c's memory format (auto: DistillationStep's default, on for CUDA only)")
+    parser.add_argument("--no-fused-adam", dest="fused_adam", action="store_false", help="c with the default Adam")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory measurement")
     parser.add_argument("--warm-cache", action="store_true", help="keep Inductor's usual cache (compile time of a repeat run)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -406,8 +511,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.repeats = 7 if args.quick else 20
     if args.warmup is None:
         args.warmup = 1 if args.quick else 3
-    if args.channels_last == "auto":
-        args.channels_last = "on" if torch.device(args.device).type == "cuda" else "off"
+    if args.variants is None:
+        args.variants = ["a", "b", "c"] + ([] if args.no_compile else ["c_compiled"])
+    elif args.no_compile and "c_compiled" in args.variants:
+        parser.error("--no-compile and --variants c_compiled contradict each other")
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
     return args
 
 
@@ -415,10 +524,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.warm_cache and "c" in args.variants and not args.no_compile:
+    if not args.warm_cache and "c_compiled" in args.variants and args.compile_backend == "inductor":
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_step_inductor_")
     nets = build(args, device)
     fast_dtype = resolve_autocast_dtype("auto", device)
+    fast_cl = resolve_channels_last(CHANNELS_LAST[args.channels_last], device)
+    fast = (f"DistillationStep: autocast {'bfloat16' if fast_dtype else 'off (no native bf16)'}, "
+            f"channels_last {'on' if fast_cl else 'off'}, Adam {'fused' if args.fused_adam else 'default'}")
     result: dict[str, Any] = {
         "benchmark": "bench_step",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -435,44 +547,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "schedule": f"discrete cosine, T = {T_BASE}",
         },
         "settings": {"optimizer": f"Adam lr {LR}", "grad_clip": GRAD_CLIP, "tau": TAU, "beta": BETA, "gamma": GAMMA,
-                     "repeats": args.repeats, "warmup": args.warmup, "order": "alternating " + ", ".join(args.variants)},
+                     "repeats": args.repeats, "warmup": args.warmup,
+                     "order": "rounds of " + ", ".join(args.variants) + ", rotated by one each round"},
         "variants": {
-            "a": "paper-style: float32 eager, plain torch ops",
-            "b": "kdiff DistillationStep: float32 eager",
-            "c": (f"kdiff DistillationStep: autocast {'bfloat16' if fast_dtype else 'off (no native bf16)'}, "
-                  f"channels_last {args.channels_last}, "
-                  f"{'no compile' if args.no_compile else 'torch.compile (Inductor, fullgraph)'}"),
+            "a": "paper-style: float32 eager, plain torch ops, default Adam",
+            "b": "kdiff DistillationStep: float32 eager, default Adam",
+            "c": f"kdiff {fast}; eager",
+            "c_compiled": (f"kdiff {fast}; torch.compile (backend {args.compile_backend}, fullgraph"
+                           + (", Inductor layout_optimization off" if device.type == "cpu" and not fast_cl
+                              and args.compile_backend == "inductor" else "") + ")"),
         },
         "fused_ops": _ops_dispatch(device),
-        "compile": "off (--no-compile)" if args.no_compile else "variant c, Inductor; compile_s per kind",
+        "targets_note": (f"step time b/a <= {TARGETS['b/a']}, c/a <= {TARGETS['c/a']} (CPU targets); "
+                         f"step peak memory <= {MEMORY_TARGET} x student (+ classifier) forward/backward"),
         "results": {},
     }
-    measure: dict[str, dict[str, Callable[[], object]]] = {}
+    result["variants"] = {k: v for k, v in result["variants"].items() if k in args.variants}
+    runs: dict[str, dict[str, Any]] = {}
     for kind in args.kinds:
-        result["results"][kind] = run_kind(kind, nets, args, device)
-        measure[kind] = result["results"][kind].pop("_measure")
-        res = result["results"][kind]
-        # The CPU targets: kdiff's eager step costs at most 2% over the paper-style one, the fast
-        # path at most 0.55 of it (bf16 on a CPU with native bf16).
-        result.setdefault("targets", {})[kind] = {
-            f"{name} <= {limit}": {
-                stat: res[stat][name] <= limit for stat in ("ratios", "paired_ratios") if name in res.get(stat, {})
-            }
-            for name, limit in (("b/a", 1.02), ("c/a", 0.55))
-        }
+        res = run_kind(kind, nets, args, device)
+        runs[kind] = res.pop("_run")
+        result["results"][kind] = res
+        res["targets"] = targets(res)
         _write(result, args.out)
-    # Memory last: on CPU it changes how glibc allocates, which would disturb the timings.
-    try:
-        for kind, steps in measure.items():
-            for name, step in steps.items():
-                mem, method = peak_memory_mib(step, device)
-                result["results"][kind]["variants"][name]["peak_memory_mib"] = None if mem is None else round(mem, 1)
-                result["memory_method"] = method
-                print(f"{kind} {name}: peak memory of a step +{mem} MiB", flush=True)
-    finally:
-        if device.type != "cuda":
-            _restore_malloc_defaults()
-    _write(result, args.out)
+    failed = [f"{kind} {pair}: {a['rel_error']} > {a['tolerance']}" for kind, res in result["results"].items()
+              for pair, a in res["agreement"].items() if not a["ok"]]
+    for kind, res in result["results"].items():
+        variants, inputs = runs[kind]["variants"], runs[kind]["inputs"]
+        if args.memory:
+            measure_memory(kind, res, runs[kind], device)
+            res["targets"] = targets(res)
+        if device.type == "cuda":
+            res["sync_free"] = {n: _sync_free(v, inputs, device) for n, v in variants.items() if n != "a"}
+            failed += [f"{kind} {n}: a host sync under sync-debug 'error'" for n, r in res["sync_free"].items()
+                       if not r["ok"]]
+        _write(result, args.out)
+    if failed:
+        raise SystemExit("checks failed (results written): " + "; ".join(failed))
     return result
 
 
@@ -486,7 +597,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     result = run(args)
     for kind, res in result["results"].items():
-        print(kind, {n: v["median_s"] for n, v in res["variants"].items()}, res.get("ratios"), flush=True)
+        print(kind, {n: v["median_s"] for n, v in res["variants"].items()}, res.get("ratios"),
+              res.get("cpu_time_ratios", ""), flush=True)
     print(f"wrote {args.out}")
 
 

@@ -8,7 +8,8 @@ so an accelerator never waits for the Python side, and the forward traces into o
 
 kdiff's value checks (times on the grid, finite inputs) read values on the host: they run for CPU
 tensors, on other devices only after ``kdiff.set_value_checks(True)``, and never while
-``torch.compile`` traces.
+``torch.compile`` traces. On a CPU they are a few dozen operations on [B]-sized tensors and two
+min/max passes over ``x`` and ``eps``, small next to the networks.
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ from ._validation import check_bool, check_finite_number, check_tensor
 from .distill import ProgressiveDistiller
 from .losses import CFDLoss
 
-__all__ = ["DistillationStep", "DistillationStepOutput", "native_bf16", "resolve_autocast_dtype"]
+__all__ = [
+    "DistillationStep",
+    "DistillationStepOutput",
+    "native_bf16",
+    "resolve_autocast_dtype",
+    "resolve_channels_last",
+]
 
 # CPU flags of native bfloat16 arithmetic (x86: AVX512-BF16 dot products, AMX tiles). Without them
 # oneDNN emulates bf16 and a bf16 step is slower than float32.
@@ -107,6 +114,31 @@ def resolve_autocast_dtype(autocast_dtype: str | torch.dtype | None, device: tor
     )
 
 
+def resolve_channels_last(channels_last: bool | str, device: torch.device | str) -> bool:
+    """Whether a step on ``device`` runs in ``channels_last`` memory format.
+
+    Args:
+        channels_last: ``"auto"`` (on for CUDA, off elsewhere), or True/False (as given).
+        device: The device of the data.
+
+    Raises:
+        ValueError: Any other value.
+
+    ``"auto"`` is off on CPUs: on an AVX512-BF16 CPU without AMX, oneDNN ran a bf16 UNet training
+    step markedly slower in channels_last than in the default layout.
+
+    Example:
+        >>> from kdiff.train_step import resolve_channels_last
+        >>> resolve_channels_last("auto", "cpu"), resolve_channels_last(True, "cpu")
+        (False, True)
+    """
+    if channels_last == "auto":
+        return torch.device(device).type == "cuda"
+    if isinstance(channels_last, bool):
+        return channels_last
+    raise ValueError(f"channels_last must be True, False or 'auto'; got {channels_last!r}")
+
+
 @dataclass
 class DistillationStepOutput:
     """The terms of one training step, as detached tensors (reading one is the only host sync).
@@ -164,19 +196,30 @@ class DistillationStep:
             natively (CUDA Ampere+, CPUs with AVX512-BF16/AMX; see :func:`native_bf16`), float32
             elsewhere (emulated bf16 is slower than float32 on such CPUs). ``"bfloat16"`` forces
             it, ``None``/``"float32"`` turns it off. Losses are computed in float32 either way.
-        channels_last: Feed ``x`` in ``channels_last`` memory format and convert, in place, the
-            distiller's teacher and student (when they are modules) and the CFD classifier to it.
-            Modules wrapped in other callables are yours to convert.
+        channels_last: ``"auto"`` (default): on for CUDA, off elsewhere (see
+            :func:`resolve_channels_last`); True/False force it. When on, ``x`` is fed in
+            ``channels_last`` memory format and the distiller's teacher and student (when they
+            are modules) and the CFD classifier are converted to it in place: at construction
+            for True, at the first call on a CUDA device for ``"auto"``. Modules wrapped in
+            other callables are yours to convert.
         compile: Compile the forward pass (distiller and loss) with
             ``torch.compile(fullgraph=True)``: any graph break is an error rather than a silent
-            slowdown. The first call pays the compilation (minutes on a CPU for a UNet and a
-            classifier).
+            slowdown. The compiled function is built at the first call, whose device fixes the
+            layout: where ``channels_last`` is off on a CPU, Inductor's own switch to
+            channels_last for convolutions (``layout_optimization``) is turned off too, unless
+            ``compile_options`` sets ``mode``, ``options`` or another ``backend``. The first
+            call pays the compilation (minutes on a CPU for a UNet and a classifier).
         compile_options: Extra keyword arguments for ``torch.compile`` (e.g. ``{"mode":
             "max-autotune"}``).
 
     Raises:
         TypeError: ``distiller``, ``optimizer`` or ``cfd`` of the wrong type.
         ValueError: A bad ``grad_clip``, ``autocast_dtype``, ``channels_last`` or ``compile``.
+
+    Defaults: bf16 autocast where the device computes bf16 natively, channels_last on CUDA only,
+    eager (``compile=False``). On a CPU with AVX512-BF16 that is the fastest eager configuration
+    measured; whether ``compile=True`` pays off there depends on the networks
+    (``benchmarks/bench_step.py`` measures both).
 
     Example:
         >>> import torch
@@ -204,7 +247,7 @@ class DistillationStep:
         cfd: CFDLoss | None = None,
         grad_clip: float | None = None,
         autocast_dtype: str | torch.dtype | None = "auto",
-        channels_last: bool = False,
+        channels_last: bool | str = "auto",
         compile: bool = False,
         compile_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -219,7 +262,7 @@ class DistillationStep:
             if not grad_clip > 0:
                 raise ValueError(f"grad_clip must be a finite number > 0 or None; got {grad_clip!r}")
         resolve_autocast_dtype(autocast_dtype, "cpu")  # validates the value; resolved per device later
-        check_bool("channels_last", channels_last)
+        resolve_channels_last(channels_last, "cpu")  # likewise
         check_bool("compile", compile)
         if compile_options is not None and not isinstance(compile_options, Mapping):
             raise TypeError(f"compile_options must be a mapping or None; got {type(compile_options).__name__}")
@@ -230,12 +273,43 @@ class DistillationStep:
         self.autocast_dtype = autocast_dtype
         self.channels_last = channels_last
         self.compile = compile
-        if channels_last:
-            for module in (distiller.teacher, distiller.student, cfd):
+        self.compile_options = dict(compile_options or {})
+        self._converted = False
+        if channels_last is True:
+            self._convert_to_channels_last()
+        self._compiled: Callable[..., tuple[Tensor | None, ...]] | None = None
+
+    def _convert_to_channels_last(self) -> None:
+        if not self._converted:
+            for module in (self.distiller.teacher, self.distiller.student, self.cfd):
                 _to_channels_last(module)
-        self._forward: Callable[..., tuple[Tensor | None, ...]] = self._forward_eager
-        if compile:
-            self._forward = torch.compile(self._forward_eager, fullgraph=True, **dict(compile_options or {}))
+            self._converted = True
+
+    def _compile_kwargs(self, channels_last: bool, device: torch.device) -> dict[str, Any]:
+        kwargs = dict(self.compile_options)
+        user_set = "mode" in kwargs or "options" in kwargs or kwargs.get("backend", "inductor") != "inductor"
+        if device.type == "cpu" and not channels_last and not user_set:
+            # Inductor puts every convolution on a CPU in channels_last (its layout_optimization),
+            # which is what channels_last=False avoids.
+            kwargs["options"] = {"layout_optimization": False}
+        return kwargs
+
+    def _forward_fn(self, x: Tensor, t: Tensor) -> Callable[..., tuple[Tensor | None, ...]]:
+        if not self.compile:
+            return self._forward_eager
+        if self._compiled is None:
+            self._build_device_tables(x, t)
+            kwargs = self._compile_kwargs(self.resolved_channels_last(x.device), x.device)
+            self._compiled = torch.compile(self._forward_eager, fullgraph=True, **kwargs)
+        return self._compiled
+
+    def _build_device_tables(self, x: Tensor, t: Tensor) -> None:
+        # The schedule's alpha/sigma table and the distiller's grids are built on a device at
+        # their first use. Built inside the first trace, the graph would be guarded on their
+        # absence and compiled a second time at the next call: build them eagerly first.
+        with torch.no_grad():
+            self.distiller.schedule.alpha_sigma(t, dtype=x.dtype)
+            self.distiller.student_times(torch.ones(1, dtype=torch.long, device=t.device))
 
     @property
     def trained_parameters(self) -> list[Tensor]:
@@ -254,11 +328,16 @@ class DistillationStep:
         Returns ``(loss, pd_loss, feature_loss, data_loss, entropy, diversity)``; the last four
         are None without CFD. ``loss`` carries the graph for ``backward()``.
         """
-        return self._forward(x, t, noise, model_kwargs, self.resolved_autocast_dtype(x.device))
+        forward = self._forward_fn(x, t)
+        return forward(x, t, noise, model_kwargs, self.resolved_autocast_dtype(x.device))
 
     def resolved_autocast_dtype(self, device: torch.device | str) -> torch.dtype | None:
         """The autocast dtype of a step on ``device`` (None: float32), see :func:`resolve_autocast_dtype`."""
         return resolve_autocast_dtype(self.autocast_dtype, device)
+
+    def resolved_channels_last(self, device: torch.device | str) -> bool:
+        """Whether a step on ``device`` runs in channels_last, see :func:`resolve_channels_last`."""
+        return resolve_channels_last(self.channels_last, device)
 
     def _forward_eager(
         self,
@@ -309,7 +388,8 @@ class DistillationStep:
             t = self.distiller.sample_times(x.shape[0], device=x.device, generator=generator)
         if noise is None:
             noise = self.distiller.sample_noise(x, generator=generator)
-        if self.channels_last and x.ndim == 4:
+        if x.ndim == 4 and self.resolved_channels_last(x.device):
+            self._convert_to_channels_last()
             x = x.contiguous(memory_format=torch.channels_last)
             noise = noise.contiguous(memory_format=torch.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
@@ -339,6 +419,6 @@ class DistillationStep:
     def __repr__(self) -> str:
         return (
             f"DistillationStep(cfd={self.cfd is not None}, grad_clip={self.grad_clip}, "
-            f"autocast_dtype={self.autocast_dtype!r}, channels_last={self.channels_last}, "
+            f"autocast_dtype={self.autocast_dtype!r}, channels_last={self.channels_last!r}, "
             f"compile={self.compile})"
         )
