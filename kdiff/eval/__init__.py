@@ -1,5 +1,8 @@
 """Evaluation: feature extractors, FID/KID, reference-feature cache and metric protocol records.
 
+:func:`bootstrap_metric` gives FID/KID a bootstrap interval over the generated samples, and
+:func:`paired_bootstrap` the difference between two sample sets drawn from the same noise.
+
 Under ``torchrun``, :func:`shard_range`, :func:`sample_noise` and :func:`gather_rows` split the
 sampling and feature extraction over the processes with the results of one process.
 
@@ -30,11 +33,15 @@ from kdiff.eval.features import (
 )
 from kdiff.eval.metrics import (
     DEFAULT_KID_SUBSET_SIZE,
+    BootstrapResult,
     MetricProtocol,
     MetricResult,
+    bootstrap_indices,
+    bootstrap_metric,
     compute_metrics,
     fid_from_features,
     kid_from_features,
+    paired_bootstrap,
     resolve_kid_subset_size,
 )
 from kdiff.eval.reference import reference_features
@@ -42,18 +49,22 @@ from kdiff.eval.reference import reference_features
 __all__ = [
     "DEFAULT_KID_SUBSET_SIZE",
     "INCEPTION_WEIGHTS_ENV",
+    "BootstrapResult",
     "ClassifierFeatureExtractor",
     "FeatureExtractor",
     "FeatureWeightsNotFoundError",
     "InceptionFeatureExtractor",
     "MetricProtocol",
     "MetricResult",
+    "bootstrap_indices",
+    "bootstrap_metric",
     "compute_features",
     "compute_metrics",
     "fid_from_features",
     "find_inception_weights",
     "gather_rows",
     "kid_from_features",
+    "paired_bootstrap",
     "reference_features",
     "resolve_kid_subset_size",
     "sample_noise",

@@ -20,6 +20,14 @@ Inception runs once per image.
 
 Both run no collective even inside a ``torch.distributed`` job: the features passed in are the
 whole set, and one process may compute the metrics alone (see :mod:`kdiff.eval.distributed`).
+
+**Uncertainty.** :func:`bootstrap_metric` resamples the generated features with replacement (the
+reference set stays fixed) and returns the spread and a percentile interval of FID or KID;
+:func:`paired_bootstrap` does the same for the difference between two sample sets drawn from the
+same noise (sample ``i`` of both sets from the same starting noise), resampling the same indices
+for both, which cancels most of the sampling noise the two sets share. The KID of these
+functions is the unbiased MMD² on the *whole* sets (no subsets): the kernel matrices are computed
+once and every resample only reweights them.
 """
 
 from __future__ import annotations
@@ -36,11 +44,15 @@ from torch import Tensor, nn
 
 __all__ = [
     "DEFAULT_KID_SUBSET_SIZE",
+    "BootstrapResult",
     "MetricProtocol",
     "MetricResult",
+    "bootstrap_indices",
+    "bootstrap_metric",
     "compute_metrics",
     "fid_from_features",
     "kid_from_features",
+    "paired_bootstrap",
     "resolve_kid_subset_size",
 ]
 
@@ -442,3 +454,393 @@ def compute_metrics(
     )
     return MetricResult(fid=fid, kid_mean=kid_mean, kid_std=kid_std, protocol=proto)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# bootstrap over generated samples
+
+BootstrapMetricName = Literal["fid", "kid"]
+
+#: Upper bound on the float64 elements of one chunk of resamples (about 32 MiB).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class BootstrapResult:
+    """A metric, or the difference of a metric between two sample sets, with its bootstrap spread.
+
+    The generated samples are resampled with replacement ``num_resamples`` times (the reference set
+    is fixed), so ``std`` and the interval measure how much the number would move with another
+    draw of as many samples from the same sampler; they do not measure the metric's bias at this
+    sample count (FID at a few hundred samples sits far above its large-sample value).
+
+    Attributes:
+        metric: ``"fid"`` or ``"kid"``.
+        estimate: The metric on the full sets; for :func:`paired_bootstrap`, ``metric(b) - metric(a)``.
+        mean: Mean over the resamples.
+        std: Standard deviation over the resamples (``ddof=1``): the standard error of ``estimate``.
+        low: Lower end of the percentile interval.
+        high: Upper end of the percentile interval.
+        confidence: Coverage of ``[low, high]`` (e.g. ``0.95``).
+        num_resamples: Bootstrap resamples ``B``.
+        num_samples: Generated samples per set ``n``.
+        num_reference: Reference samples ``n_r``.
+        seed: Seed of :func:`bootstrap_indices`.
+        paired: Whether this is a paired difference.
+        values: The ``B`` resampled statistics (float64; left out of :meth:`to_dict`).
+    """
+
+    metric: str
+    estimate: float
+    mean: float
+    std: float
+    low: float
+    high: float
+    confidence: float
+    num_resamples: int
+    num_samples: int
+    num_reference: int
+    seed: int
+    paired: bool
+    values: Tensor = field(repr=False, compare=False)
+
+    @property
+    def excludes_zero(self) -> bool:
+        """Whether the interval lies entirely on one side of 0 (for a difference: significant)."""
+        return self.low > 0.0 or self.high < 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict of everything but ``values``."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "values"}
+        out["excludes_zero"] = self.excludes_zero
+        return out
+
+
+def _check_int(value: object, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+    return value
+
+
+def _check_bootstrap(metric: object, num_resamples: object, confidence: object, seed: object) -> None:
+    if metric not in ("fid", "kid"):
+        raise ValueError(f"metric must be 'fid' or 'kid'; got {metric!r}")
+    _check_int(num_resamples, "num_resamples", 2)
+    _check_int(seed, "seed", 0)
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        raise ValueError(f"confidence must be a number in (0, 1); got {confidence!r}")
+
+
+def bootstrap_indices(num_samples: int, *, num_resamples: int = 1000, seed: int = 0) -> Tensor:
+    """The resamples used by :func:`bootstrap_metric` and :func:`paired_bootstrap`.
+
+    Row ``b`` holds ``num_samples`` indices drawn uniformly with replacement by a private
+    generator seeded with ``seed`` (the global RNG is not touched). A row whose indices are all
+    equal is drawn again: the within-set term of the unbiased KID needs two distinct samples
+    (this only matters for a handful of samples; the chance is ``n^(1-n)``).
+
+    Args:
+        num_samples: ``n``, the samples per set (``>= 2``).
+        num_resamples: ``B`` (``>= 2``).
+        seed: Generator seed (``>= 0``).
+
+    Returns:
+        int64 tensor ``[B, n]``.
+
+    Raises:
+        ValueError: ``num_samples < 2``, ``num_resamples < 2`` or a negative ``seed``.
+
+    Example:
+        >>> idx = bootstrap_indices(5, num_resamples=3, seed=0)
+        >>> tuple(idx.shape), bool(((idx >= 0) & (idx < 5)).all())
+        ((3, 5), True)
+    """
+    n = _check_int(num_samples, "num_samples", 2)
+    b = _check_int(num_resamples, "num_resamples", 2)
+    _check_int(seed, "seed", 0)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(n, (b, n), generator=g)
+    while True:
+        same = (idx == idx[:, :1]).all(dim=1)
+        k = int(same.sum())
+        if k == 0:
+            return idx
+        idx[same] = torch.randint(n, (k, n), generator=g)
+
+
+def _counts(idx: Tensor, n: int) -> Tensor:
+    """Multiplicity ``c_a`` of every original sample ``a`` in each resample: ``[b, n]`` float64."""
+    ones = torch.ones(idx.shape, dtype=torch.float64, device=idx.device)
+    return torch.zeros(idx.shape[0], n, dtype=torch.float64, device=idx.device).scatter_add_(1, idx, ones)
+
+
+def _kernel(x: Tensor, y: Tensor) -> Tensor:
+    """KID's polynomial kernel ``k(x, y) = (x·y / D + 1)^3``."""
+    return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
+def _row_blocks(n: int, width: int) -> list[slice]:
+    """Slices of ``n`` rows such that a block of ``width`` columns stays near ``_CHUNK_ELEMENTS``."""
+    step = max(1, _CHUNK_ELEMENTS // max(width, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+#: Per-reference quantities, keyed by the reference features' bytes: one reference set is scored
+#: against many sample sets (every row of a benchmark), and these are the expensive part.
+_REFERENCE_CACHE: dict[tuple[str, tuple[int, ...], str], dict[str, Any]] = {}
+_REFERENCE_CACHE_SIZE = 8
+
+
+def _reference_entry(real: Tensor) -> dict[str, Any]:
+    import hashlib
+
+    key = (hashlib.sha1(real.cpu().numpy().tobytes()).hexdigest(), tuple(real.shape), str(real.device))
+    entry = _REFERENCE_CACHE.get(key)
+    if entry is None:
+        if len(_REFERENCE_CACHE) >= _REFERENCE_CACHE_SIZE:
+            _REFERENCE_CACHE.pop(next(iter(_REFERENCE_CACHE)))
+        entry = _REFERENCE_CACHE[key] = {}
+    return entry
+
+
+def _kid_real_term(real: Tensor) -> float:
+    """``sum_{i != j} k(r_i, r_j) / (n_r (n_r - 1))``, in row blocks (no ``n_r x n_r`` matrix)."""
+    entry = _reference_entry(real)
+    if "kid_rr" not in entry:
+        n = real.shape[0]
+        total = 0.0
+        for rows in _row_blocks(n, n):
+            block = _kernel(real[rows], real)
+            total += float(block.sum()) - float(block.diagonal(offset=rows.start).sum())
+        entry["kid_rr"] = total / (n * (n - 1))
+    return float(entry["kid_rr"])
+
+
+def _kid_terms(real: Tensor, fake: Tensor, counts: Tensor) -> Tensor:
+    """KID without its reference-only term, for each row of resample ``counts`` ``[b, n]``.
+
+    With counts ``c`` (``sum c = n``), the within-set term is the unbiased estimator on the
+    resampled set with the pairs of a sample and its own copy left out (they would add
+    ``k(f, f)``): ``(c^T K_ff c - sum_a c_a^2 K_aa) / (n^2 - sum_a c_a^2)``; the cross term is
+    ``c · m / n`` with ``m_a`` the mean kernel value of sample ``a`` against the reference set.
+    With every ``c_a = 1`` both are the usual full-set terms. The kernel matrices are built in
+    row blocks, once for all resamples.
+    """
+    n = fake.shape[0]
+    ck = torch.zeros_like(counts)  # c^T K_ff, one row per resample
+    diag = torch.empty(n, dtype=torch.float64, device=fake.device)
+    for rows in _row_blocks(n, n):
+        block = _kernel(fake[rows], fake)
+        ck += counts[:, rows] @ block
+        diag[rows] = block.diagonal(offset=rows.start)
+    m = torch.zeros(n, dtype=torch.float64, device=fake.device)
+    for rows in _row_blocks(real.shape[0], n):
+        m += _kernel(real[rows], fake).sum(dim=0)
+    m /= real.shape[0]
+    sq = counts.square()
+    within = ((ck * counts).sum(dim=1) - sq @ diag) / (n**2 - sq.sum(dim=1))
+    return within - 2.0 * (counts @ m) / n
+
+
+def _sym_sqrt(mat: Tensor) -> Tensor:
+    evals, evecs = torch.linalg.eigh(mat)
+    return (evecs * evals.clamp(min=0).sqrt()) @ evecs.T
+
+
+def _fid_resampled(real: Tensor, fake: Tensor, idx: Tensor) -> Tensor:
+    """FID of ``fake`` resampled by each row of ``idx`` against the fixed reference set.
+
+    Everything is centred on the reference mean first (covariances and mean differences do not
+    change; uncentred second moments then lose no precision). With counts ``c``, ``mu_f = X^T c / n``
+    and ``S_f = (X^T diag(c) X - n mu_f mu_f^T) / (n - 1)``. ``Tr (S_r S_f)^{1/2}`` is the sum of
+    the square roots of the eigenvalues of a symmetric PSD matrix: ``S_r^{1/2} S_f S_r^{1/2}``
+    (``D x D``) when ``n >= D``, or, for fewer samples than dimensions, ``F S_r F^T`` (``n x n``)
+    with ``F = diag(c)^{1/2} (X - mu_f) / sqrt(n - 1)``, which has the same nonzero eigenvalues.
+    """
+    n, d = fake.shape
+    entry = _reference_entry(real)
+    if "fid" not in entry:
+        shift = real.mean(dim=0)
+        xr = real - shift
+        cov_r = xr.T @ xr / (real.shape[0] - 1)
+        entry["fid"] = (shift, cov_r, cov_r.diagonal().sum(), _sym_sqrt(cov_r))
+    shift, cov_r, tr_r, sqrt_r = entry["fid"]
+    x = fake - shift
+    out = []
+    if n < d:  # n x n eigenproblems
+        q_full = x @ cov_r @ x.T  # X S_r X^T
+        gram = x @ x.T
+        for rows in _row_blocks(idx.shape[0], n * n):
+            c = _counts(idx[rows], n)
+            mu = c @ x / n
+            q = c @ q_full / n  # (X S_r mu)_a
+            s = (q * c).sum(dim=1) / n  # mu^T S_r mu
+            h = q_full - q[:, :, None] - q[:, None, :] + s[:, None, None]
+            root = c.sqrt()
+            h = root[:, :, None] * h * root[:, None, :] / (n - 1)
+            g = c @ gram / n
+            tr_f = (c * (gram.diagonal() - 2.0 * g + ((g * c).sum(dim=1) / n)[:, None])).sum(dim=1) / (n - 1)
+            cross = torch.linalg.eigvalsh(h).clamp(min=0).sqrt().sum(dim=-1)
+            out.append(mu.square().sum(dim=-1) + tr_r + tr_f - 2.0 * cross)
+        return torch.cat(out)
+    outer = (x[:, :, None] * x[:, None, :]).reshape(n, d * d) if n * d * d <= _CHUNK_ELEMENTS else None
+    for rows in _row_blocks(idx.shape[0], n * d if outer is None else max(n, d * d)):
+        c = _counts(idx[rows], n)
+        mu = c @ x / n
+        if outer is not None:  # all second moments of the chunk in one matrix product
+            second = (c @ outer).reshape(-1, d, d)
+        else:
+            second = (c[:, :, None] * x).transpose(1, 2) @ x
+        cov = (second - n * mu[:, :, None] * mu[:, None, :]) / (n - 1)
+        cross = torch.linalg.eigvalsh(sqrt_r @ cov @ sqrt_r).clamp(min=0).sqrt().sum(dim=-1)
+        out.append(mu.square().sum(dim=-1) + tr_r + cov.diagonal(dim1=-2, dim2=-1).sum(dim=-1) - 2.0 * cross)
+    return torch.cat(out)
+
+
+def _resampled(metric: str, real: Tensor, fakes: list[Tensor], idx: Tensor) -> tuple[list[float], list[Tensor]]:
+    """Full-set values and resampled values of ``metric`` for each generated set (same ``idx``).
+
+    For KID the reference-only term is left out (it is the same for every set; the caller adds
+    it where an absolute value is wanted).
+    """
+    if metric == "kid":
+        full, vals = [], []
+        for f in fakes:
+            n = f.shape[0]
+            ones = torch.ones(1, n, dtype=torch.float64, device=f.device)
+            terms = _kid_terms(real, f, torch.cat([ones, _counts(idx, n)]))
+            full.append(float(terms[0]))
+            vals.append(terms[1:])
+        return full, vals
+    return [_fid_exact(real, f) for f in fakes], [_fid_resampled(real, f, idx) for f in fakes]
+
+
+def _summarise(metric: str, estimate: float, values: Tensor, *, confidence: float, n: int, n_ref: int,
+               seed: int, paired: bool) -> BootstrapResult:
+    alpha = 1.0 - confidence
+    q = torch.tensor([alpha / 2, 1.0 - alpha / 2], dtype=torch.float64)
+    low, high = torch.quantile(values.cpu(), q).tolist()
+    return BootstrapResult(
+        metric=metric, estimate=float(estimate), mean=float(values.mean()), std=float(values.std()),
+        low=float(low), high=float(high), confidence=float(confidence), num_resamples=int(values.numel()),
+        num_samples=n, num_reference=n_ref, seed=seed, paired=paired, values=values.cpu(),
+    )
+
+
+def bootstrap_metric(
+    real_feats: Tensor | np.ndarray,
+    fake_feats: Tensor | np.ndarray,
+    *,
+    metric: BootstrapMetricName = "kid",
+    num_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> BootstrapResult:
+    """FID or KID with a bootstrap over the generated samples (the reference set is fixed).
+
+    Each of ``B`` resamples draws ``n`` of the ``n`` generated features with replacement
+    (:func:`bootstrap_indices`) and recomputes the metric against the same reference features.
+
+    * ``metric="kid"``: the unbiased MMD² with ``k(x, y) = (x·y / D + 1)^3`` between the whole
+      sets, ``sum_{i!=j} k(r_i, r_j)/(n_r(n_r-1)) + sum_{i!=j} k(f_i, f_j)/(n(n-1)) -
+      2 sum_{i,j} k(r_i, f_j)/(n_r n)``. The kernel matrices are computed once and each resample
+      reweights them, so ``B = 1000`` costs little more than one KID even for 2048-d Inception
+      features. In a resample, pairs formed by a sample and its own copy are left out of the
+      within-set term (they would add ``k(f, f)`` and bias the resamples upward).
+    * ``metric="fid"``: :func:`fid_from_features` per resample, with the reference statistics
+      and ``S_r^{1/2}`` computed once; each resample costs one ``D x D`` symmetric eigensolve, so
+      use it for low-dimensional features (e.g. an evaluation classifier's), not 2048-d ones.
+
+    Args:
+        real_feats: ``[N_r, D]`` reference features (``N_r >= 2``).
+        fake_feats: ``[N, D]`` generated features (``N >= 2``).
+        metric: ``"kid"`` or ``"fid"``.
+        num_resamples: ``B >= 2``.
+        confidence: Coverage of the percentile interval, in ``(0, 1)``.
+        seed: Seed of the resampling (``>= 0``).
+
+    Returns:
+        A :class:`BootstrapResult` whose ``estimate`` is the metric on the full sets.
+
+    Raises:
+        ValueError: Invalid features (see :func:`fid_from_features`), ``metric``,
+            ``num_resamples``, ``confidence`` or ``seed``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> real, fake = torch.randn(200, 4, generator=g), torch.randn(100, 4, generator=g)
+        >>> res = bootstrap_metric(real, fake + 1.0, metric="fid", num_resamples=200)
+        >>> res.low < res.estimate < res.high and res.excludes_zero
+        True
+    """
+    _check_bootstrap(metric, num_resamples, confidence, seed)
+    real, fake = _pair(real_feats, fake_feats)
+    idx = bootstrap_indices(fake.shape[0], num_resamples=num_resamples, seed=seed).to(fake.device)
+    full, vals = _resampled(metric, real, [fake], idx)
+    estimate, values = full[0], vals[0]
+    if metric == "kid":
+        rr = _kid_real_term(real)
+        estimate, values = estimate + rr, values + rr
+    return _summarise(metric, estimate, values, confidence=confidence, n=fake.shape[0], n_ref=real.shape[0],
+                      seed=seed, paired=False)
+
+
+def paired_bootstrap(
+    real_feats: Tensor | np.ndarray,
+    fake_a: Tensor | np.ndarray,
+    fake_b: Tensor | np.ndarray,
+    *,
+    metric: BootstrapMetricName = "kid",
+    num_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> BootstrapResult:
+    """Bootstrap of ``metric(b) - metric(a)`` for two sample sets made from the same noise.
+
+    Row ``i`` of ``fake_a`` and of ``fake_b`` must come from the same starting noise (e.g. two
+    samplers fed ``kdiff.eval.sample_noise(seed, range(n), ...)``). Every resample draws one set
+    of indices and uses it for both sets, so the noise the two sets share cancels in the
+    difference and the interval is much narrower than one built from two separate intervals. The
+    difference is significant at ``confidence`` when the interval excludes 0
+    (:attr:`BootstrapResult.excludes_zero`); lower FID/KID is better, so a negative difference
+    favours ``b``. The metrics are those of :func:`bootstrap_metric` (for KID the reference-only
+    term cancels and is not computed).
+
+    Args:
+        real_feats: ``[N_r, D]`` reference features.
+        fake_a: ``[N, D]`` features of the first set.
+        fake_b: ``[N, D]`` features of the second set, row ``i`` paired with row ``i`` of ``fake_a``.
+        metric: ``"kid"`` or ``"fid"``.
+        num_resamples: ``B >= 2``.
+        confidence: Coverage of the percentile interval, in ``(0, 1)``.
+        seed: Seed of the resampling (``>= 0``).
+
+    Returns:
+        A :class:`BootstrapResult` with ``paired=True`` and ``estimate = metric(b) - metric(a)``
+        on the full sets.
+
+    Raises:
+        ValueError: Invalid features, ``fake_a`` and ``fake_b`` of different shapes, or an invalid
+            ``metric``, ``num_resamples``, ``confidence`` or ``seed``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> real, fake = torch.randn(200, 4, generator=g), torch.randn(100, 4, generator=g)
+        >>> same = paired_bootstrap(real, fake, fake.clone(), num_resamples=100)
+        >>> same.estimate == 0.0 and not same.excludes_zero
+        True
+        >>> paired_bootstrap(real, fake, fake + 1.0, num_resamples=100).low > 0
+        True
+    """
+    _check_bootstrap(metric, num_resamples, confidence, seed)
+    real, a = _pair(real_feats, fake_a)
+    _, b = _pair(real, fake_b)
+    if a.shape != b.shape:
+        raise ValueError(
+            f"fake_a and fake_b must have the same shape (row i of both from the same noise); got "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    idx = bootstrap_indices(a.shape[0], num_resamples=num_resamples, seed=seed).to(a.device)
+    (full_a, full_b), (vals_a, vals_b) = _resampled(metric, real, [a, b], idx)
+    return _summarise(metric, full_b - full_a, vals_b - vals_a, confidence=confidence, n=a.shape[0],
+                      n_ref=real.shape[0], seed=seed, paired=True)
