@@ -56,7 +56,6 @@ from kdiff.io import (
     save_training_state,
     save_weights,
 )
-
 from kdiff.train_step import native_bf16
 
 from .config import TrainConfig
