@@ -33,6 +33,7 @@ from kdiff.recipes.rng import capture_rng_state, restore_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "benchmarks" / "assets" / "tiny"
+FORMAT_1 = Path(__file__).resolve().parent / "data" / "format1"
 META = {
     "schedule": {"kind": "cosine", "num_steps": 1000, "betas": [0.1, 0.2]},
     "prediction_type": "x",
@@ -193,8 +194,8 @@ def test_newer_format_is_refused(tmp_path, monkeypatch):
 
 
 def test_format_1_files_load_and_are_verified_against_their_json(tmp_path):
-    """kdiff 0.1.0 wrote the hash into ``<path>.json``; such files (the bundled assets) still load."""
-    src = ASSETS / "eval_classifier.safetensors"
+    """kdiff 0.1.0 wrote the hash into ``<path>.json``; such files still load."""
+    src = FORMAT_1 / "eval_classifier.safetensors"  # a 0.1.0 file, kept as written then
     path = tmp_path / src.name
     side = tmp_path / (src.name + ".json")
     shutil.copyfile(src, path)
