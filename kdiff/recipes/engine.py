@@ -14,7 +14,8 @@ What it does, so each loop only writes its loss:
   uninterrupted one draws.
 * **Optimisation**: learning rate as a pure function of the step (warmup, then constant,
   cosine or step decay), global grad-norm clipping, EMA of the weights.
-* **Hardware**: bf16 autocast and ``channels_last`` on CUDA only, optional ``torch.compile``.
+* **Hardware**: bf16 autocast where bf16 is native (CUDA, CPUs with AVX512-BF16/AMX), ``channels_last``
+  on CUDA only, optional ``torch.compile``.
 * **Checkpoints**: ``out_dir/checkpoints/step_XXXXXXX/`` holds ``model.safetensors`` (weights
   and metadata), ``ema.safetensors`` and ``state.pt`` (optimizer, scheduler, step, data stream,
   RNG states of every process); ``checkpoints/latest`` names the newest complete one and is
