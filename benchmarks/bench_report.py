@@ -525,8 +525,11 @@ def write_report(out_dir: str | Path, records: list[dict[str, Any]], context: di
         "",
         *(verdict_lines or ["- no step count has both a PD and a CFD student."]),
         "",
-        f"CFD hyper-parameters: temperature tau = {cfd['temperature']}, beta = {cfd['beta']}, gamma = {cfd['gamma']} "
-        "(no pixel PD term, as in the paper). "
+        f"CFD hyper-parameters: temperature tau = {cfd['temperature']}, beta = {cfd['beta']}, gamma = {cfd['gamma']}"
+        + (f", plus {cfd['pixel_weight']} x the PD pixel loss (the paper has none)" if cfd.get("pixel_weight")
+           else " (no pixel PD term, as in the paper)")
+        + (", diversity term over each process's batch" if cfd.get("diversity") == "local" else "")
+        + ". "
         f"Guide classifier: {guide.get('arch')} {guide.get('kwargs') or ''}, CIFAR-10 test accuracy **{pct(acc)}** "
         f"({guide.get('test_samples') or '?'} test images) — the paper's DenseNet-201 guide is a ~95% model, so "
         "a weak guide limits what CFD can gain here. A stronger guide can be passed with `--guide-classifier`.",

@@ -42,6 +42,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -256,6 +257,9 @@ class Settings:
     temperature: float
     beta: float
     gamma: float
+    pixel_weight: float  # weight of the PD pixel loss added to the CFD loss (paper: 0)
+    diversity: str  # CFD diversity term over the batch of all processes ("global") or of each one ("local")
+    keep_checkpoints: bool  # keep the resumable training state of finished stages and rounds
     teacher_path: str | None
     base_model_path: str | None
     guide_path: str | None
@@ -296,7 +300,18 @@ class Settings:
 
     @property
     def cfd_tag(self) -> str:
-        return f"tau{self.temperature:g}_beta{self.beta:g}_gamma{self.gamma:g}"
+        """Folder name of the CFD students: the paper's three numbers, plus the non-default options."""
+        tag = f"tau{self.temperature:g}_beta{self.beta:g}_gamma{self.gamma:g}"
+        if self.pixel_weight:
+            tag += f"_pixel{self.pixel_weight:g}"
+        if self.diversity == "local":
+            tag += "_localdiv"
+        return tag
+
+    def cfd_options(self, classifier: str) -> dict[str, Any]:
+        """DistillConfig fields of the CFD rounds (the PD rounds keep the defaults: they ignore them)."""
+        return {"classifier": classifier, "temperature": self.temperature, "beta": self.beta, "gamma": self.gamma,
+                "pixel_weight": self.pixel_weight, "sync_global": self.diversity == "global"}
 
     def ladder(self, teacher_steps: int, final_steps: int) -> list[int]:
         """Student step counts of the rounds ``teacher_steps -> ... -> final_steps``."""
@@ -334,6 +349,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.95, help="CFD temperature tau (ResNet-18 setting: 0.95).")
     p.add_argument("--beta", type=float, default=0.003, help="CFD weight of the dataset-oriented loss (0.003).")
     p.add_argument("--gamma", type=float, default=0.75, help="CFD entropy weight in the dataset loss (0.75).")
+    p.add_argument("--pixel-weight", type=float, default=0.0,
+                   help="Weight of the PD pixel loss added to the CFD loss (paper: 0; CFD folder gets _pixel<w>).")
+    p.add_argument("--diversity", choices=("global", "local"), default="global",
+                   help="CFD diversity term over the batch of all processes (global, default) or of each process "
+                   "(local, folder gets _localdiv); the same thing in one process.")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="Keep the resumable training state (model, EMA, optimizer) of finished stages and rounds; "
+                   "by default only their final weights stay (a paper-size state is ~0.4 GB per round).")
     p.add_argument("--teacher", default=None,
                    help="An existing teacher checkpoint (.safetensors from kdiff's teacher loop, same schedule): "
                    "skips training one.")
@@ -426,6 +449,8 @@ def _settings(args: argparse.Namespace, argv: list[str] | None) -> Settings:
         raise BenchmarkError(f"--beta must be >= 0; got {args.beta}")
     if not 0 <= args.gamma <= 1:
         raise BenchmarkError(f"--gamma must be in [0, 1]; got {args.gamma}")
+    if not (args.pixel_weight >= 0 and math.isfinite(args.pixel_weight)):
+        raise BenchmarkError(f"--pixel-weight must be a finite number >= 0; got {args.pixel_weight}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     launcher = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)} " if world > 1 else "python "
     cmd = launcher + "benchmarks/cifar10_cfd.py" + ("" if not argv else " " + " ".join(argv))
@@ -442,6 +467,9 @@ def _settings(args: argparse.Namespace, argv: list[str] | None) -> Settings:
         temperature=args.temperature,
         beta=args.beta,
         gamma=args.gamma,
+        pixel_weight=args.pixel_weight,
+        diversity=args.diversity,
+        keep_checkpoints=args.keep_checkpoints,
         teacher_path=args.teacher,
         base_model_path=args.base_model,
         guide_path=args.guide_classifier,
@@ -575,6 +603,18 @@ def _stage_record(settings: Settings) -> dict[str, Any]:
     return {}
 
 
+def _drop_training_state(settings: Settings, folder: Path) -> None:
+    """Delete ``folder/checkpoints`` (model, EMA, optimizer, RNG) once the stage that wrote it is finished.
+
+    Finished stages and rounds are recognised by their final weights and config.json, so the
+    resumable state is only needed while they run; at the paper's size it is ~0.4 GB per round.
+    """
+    state = folder / "checkpoints"
+    if settings.keep_checkpoints or not _is_main() or not state.is_dir():
+        return
+    shutil.rmtree(state, ignore_errors=True)
+
+
 def _record_stage(settings: Settings, name: str, info: dict[str, Any]) -> None:
     if not _is_main():
         return
@@ -684,6 +724,7 @@ def stage_teacher(settings: Settings) -> None:
     t0 = time.perf_counter()
     train_teacher(cfg)
     _record_stage(settings, "teacher", {"wall_s": time.perf_counter() - t0, "config": cfg.to_dict()})
+    _drop_training_state(settings, path.parent)
 
 
 def stage_classifier(settings: Settings) -> None:
@@ -703,6 +744,7 @@ def stage_classifier(settings: Settings) -> None:
                                eval_samples=settings.preset.classifier_eval_samples, **overrides)
         t0 = time.perf_counter()
         train_classifier(cfg)
+        _drop_training_state(settings, path.parent)
         acc = _metadata(path).get("test_accuracy")
         _log(f"classifier ({role}): test accuracy {acc}")
         _record_stage(settings, f"classifier_{role}", {"wall_s": time.perf_counter() - t0,
@@ -715,8 +757,7 @@ def _distill_config(settings: Settings, **kw: Any) -> Any:
     rnd = {**settings.preset.round, **kw.pop("round_overrides", {})}
     return DistillConfig(schedule=settings.schedule, data_dir=settings.data_dir, device=settings.device,
                          progress=settings.progress and _is_main(), mixed_precision=settings.mixed_precision,
-                         temperature=settings.temperature,
-                         beta=settings.beta, gamma=settings.gamma, **{**rnd, **kw})
+                         **{**rnd, **kw})
 
 
 def stage_base(settings: Settings) -> None:
@@ -736,6 +777,8 @@ def stage_base(settings: Settings) -> None:
     t0 = time.perf_counter()
     train_distill(cfg)
     _record_stage(settings, "base", {"wall_s": time.perf_counter() - t0, "config": cfg.to_dict()})
+    for n in cfg.student_steps:
+        _drop_training_state(settings, path.parent / f"steps_{n:04d}")
 
 
 def _student_dir(settings: Settings, method: str, seed: int) -> Path:
@@ -752,7 +795,7 @@ def _round_config(settings: Settings, method: str, seed: int, n: int, teacher: P
     return _distill_config(settings, out_dir=str(_student_dir(settings, method, seed)), teacher=str(teacher),
                            method=method, teacher_steps=2 * n, final_steps=n, seed=seed,
                            steps=settings.preset.round_steps[n], last_rounds_multiplier=1,
-                           classifier=str(guide) if guide else None)
+                           **(settings.cfd_options(str(guide)) if method == "cfd" else {}))
 
 
 def _round_done(cfg: Any, n: int) -> bool:
@@ -810,6 +853,7 @@ def stage_rounds(settings: Settings, method: str) -> None:
             wall = time.perf_counter() - t0
             _log(f"{method} seed {seed}: round {2 * n} -> {n} finished in {wall:.0f} s")
             _record_stage(settings, f"{method}_seed{seed}{tag}_steps{n}", {"wall_s": wall, "config": cfg.to_dict()})
+            _drop_training_state(settings, teacher.parent)
 
 
 # ============================================================================ evaluation
@@ -1284,7 +1328,7 @@ def stage_report(settings: Settings, wall_start: float, stage_walls: dict[str, f
         "command": settings.command,
         "seeds": list(settings.seeds),
         "cfd": {"temperature": settings.temperature, "beta": settings.beta, "gamma": settings.gamma,
-                "pixel_weight": 0.0},
+                "pixel_weight": settings.pixel_weight, "diversity": settings.diversity, "tag": settings.cfd_tag},
         "schedule": settings.schedule,
         "base_steps": p.base_steps,
         "final_steps": p.final_steps,

@@ -134,7 +134,14 @@ def test_micro_run_writes_report(micro_run: Path) -> None:
     # the fast metric's network is never the CFD guide
     assert results["guide_classifier"]["weights_sha256"] != results["eval_classifier"]["weights_sha256"]
     assert isinstance(results["guide_classifier"]["test_accuracy"], float)
-    assert results["cfd"] == {"temperature": 0.95, "beta": 0.003, "gamma": 0.75, "pixel_weight": 0.0}
+    assert results["cfd"] == {"temperature": 0.95, "beta": 0.003, "gamma": 0.75, "pixel_weight": 0.0,
+                              "diversity": "global", "tag": "tau0.95_beta0.003_gamma0.75"}
+    # finished rounds keep their weights and config, not their resumable training state
+    for folder in ("pd/pd/seed0", "cfd/cfd_tau0.95_beta0.003_gamma0.75/seed0"):
+        for n in (4, 2, 1):
+            round_dir = micro_run / folder / f"steps_{n:04d}"
+            assert (round_dir / "student.safetensors").is_file() and (round_dir / "config.json").is_file()
+            assert not (round_dir / "checkpoints").exists()
     assert results["published_for_orientation"]["pd_salimans_ho_2022_fid"]["4"] == 3.0
 
     # The data source is the folder given, not a description of it.
@@ -178,6 +185,41 @@ def test_rerun_skips_finished_stages(micro_run: Path) -> None:
             assert f"{method} seed 0: round {2 * n} -> {n} done" in proc.stdout
     assert "eval cfd_001 seed 0: done" in proc.stdout
     assert "paired comparisons seed 0: done" in proc.stdout
+
+
+def test_cfd_variant_reuses_the_pd_rounds_in_its_own_folder(micro_run: Path) -> None:
+    """An ablation row: another CFD setting in the same folder trains only its own CFD rounds."""
+    proc = _run(["--data-dir", str(_data_root()), "--out-dir", str(micro_run), *MICRO, "--no-progress",
+                 "--stages", "pd", "cfd", "--beta", "0", "--pixel-weight", "0.5", "--diversity", "local",
+                 "--keep-checkpoints"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for n in (4, 2, 1):
+        assert f"pd seed 0: round {2 * n} -> {n} done" in proc.stdout
+        assert f"cfd seed 0: round {2 * n} -> {n}, 2 steps at batch 8" in proc.stdout
+    folder = micro_run / "cfd" / "cfd_tau0.95_beta0_gamma0.75_pixel0.5_localdiv" / "seed0"
+    for n in (4, 2, 1):
+        cfg = json.loads((folder / f"steps_{n:04d}" / "config.json").read_text())
+        assert (cfg["beta"], cfg["pixel_weight"], cfg["sync_global"]) == (0.0, 0.5, False)
+        assert (folder / f"steps_{n:04d}" / "checkpoints" / "latest").is_file()  # --keep-checkpoints
+    # the PD rounds were trained with the defaults, whatever the CFD flags
+    pd_cfg = json.loads((micro_run / "pd" / "pd" / "seed0" / "steps_0001" / "config.json").read_text())
+    assert pd_cfg["method"] == "pd" and pd_cfg["classifier"] is None and pd_cfg["pixel_weight"] == 0.0
+
+
+def test_cfd_flags_are_checked(tmp_path):
+    bench, _ = _bench_module()
+    parse = lambda *a: bench._settings(bench._parse(["--out-dir", str(tmp_path), *a]), [])
+    assert parse().cfd_tag == "tau0.95_beta0.003_gamma0.75"
+    s = parse("--temperature", "2", "--pixel-weight", "0.25", "--diversity", "local")
+    assert s.cfd_tag == "tau2_beta0.003_gamma0.75_pixel0.25_localdiv"
+    opts = s.cfd_options("g.safetensors")
+    assert opts["pixel_weight"] == 0.25 and opts["sync_global"] is False and opts["temperature"] == 2.0
+    for bad in (["--pixel-weight", "-1"], ["--pixel-weight", "nan"], ["--temperature", "0"], ["--beta", "-0.1"],
+                ["--gamma", "1.5"]):
+        with pytest.raises(bench.BenchmarkError, match=bad[0]):
+            parse(*bad)
+    with pytest.raises(SystemExit):
+        parse("--diversity", "both")
 
 
 def test_changed_round_length_is_refused_not_reused(micro_run: Path) -> None:
