@@ -306,6 +306,8 @@ class Settings:
             tag += f"_pixel{self.pixel_weight:g}"
         if self.diversity == "local":
             tag += "_localdiv"
+        if self.guide_path:  # another guide trains other students: its weights' hash names them
+            tag += f"_guide{_file_hash(Path(self.guide_path))[:8]}"
         return tag
 
     def cfd_options(self, classifier: str) -> dict[str, Any]:

@@ -220,6 +220,11 @@ def test_cfd_flags_are_checked(tmp_path):
             parse(*bad)
     with pytest.raises(SystemExit):
         parse("--diversity", "both")
+    # another guide classifier gets its own students, named by its weights' hash
+    guide = ASSETS / "guide_classifier.safetensors"
+    if guide.is_file():
+        sha = bench._file_hash(guide)
+        assert parse("--guide-classifier", str(guide)).cfd_tag == f"tau0.95_beta0.003_gamma0.75_guide{sha[:8]}"
 
 
 def test_changed_round_length_is_refused_not_reused(micro_run: Path) -> None:
