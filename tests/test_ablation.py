@@ -39,7 +39,7 @@ def test_commands_share_one_folder_and_name_the_setting(tmp_path):
     local = abl._command(abl.BY_NAME["localdiv"], args, tmp_path, None)
     assert local[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert "--diversity" in local and local[local.index("--diversity") + 1] == "local"
-    guided = abl._command(abl.BY_NAME["weakguide"], args, tmp_path, tmp_path / "g.safetensors")
+    guided = abl._command(abl.BY_NAME["strongguide"], args, tmp_path, tmp_path / "g.safetensors")
     assert guided[guided.index("--guide-classifier") + 1] == str(tmp_path / "g.safetensors")
 
 
