@@ -240,7 +240,19 @@ def _table(records: list[dict[str, Any]], lines: list[dict[str, Any]], metric: s
     return out
 
 
-def write_summary(records: list[dict[str, Any]], results_dir: Path) -> None:
+def training_wall(stages: dict[str, Any], record: dict[str, Any]) -> float | None:
+    """Seconds the variant's CFD rounds trained, all seeds, from the run's ``stages.json``."""
+    cfd = record["cfd"]  # results from before "tag" was recorded had only the paper's three numbers
+    tag = cfd.get("tag") or f"tau{cfd['temperature']:g}_beta{cfd['beta']:g}_gamma{cfd['gamma']:g}"
+    walls = [stages.get(f"cfd_seed{seed}_{tag}_steps{n}", {}).get("wall_s") for seed in record["seeds"] for n in STEPS]
+    return None if None in walls else float(sum(walls))
+
+
+def write_summary(records: list[dict[str, Any]], results_dir: Path, stages: dict[str, Any] | None = None) -> None:
+    """``summary.csv``/``summary.json`` (one line per variant, steps, metric) and ``README.md`` (tables).
+
+    ``stages`` is the shared run's ``stages.json``, for the CFD training time of each variant.
+    """
     lines = summary_lines(records)
     with open(results_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(lines[0]) if lines else ["variant"])
@@ -252,8 +264,11 @@ def write_summary(records: list[dict[str, Any]], results_dir: Path) -> None:
           "means ± standard deviation over the training seeds; CFD − PD is the mean paired difference, "
           "with ✓ (CFD lower) or ✗ (PD lower) when every seed's paired-bootstrap 95% interval excludes 0 on "
           "the same side, and in brackets the number of seeds whose interval is below 0. Lower is better.", "",
-          "| variant | setting | processes | wall time of the variant |", "|---|---|---:|---:|"]
-    md += [f"| {r['variant']} | {r['description']} | {r['processes']} | {r['variant_wall_s']:.0f} s |" for r in records]
+          "| variant | setting | processes × threads | CFD rounds' training, all seeds |", "|---|---|---:|---:|"]
+    for r in records:
+        wall = training_wall(stages or {}, r)
+        md.append(f"| {r['variant']} | {r['description']} | {r['processes']} × {r['environment'].get('torch_threads')} "
+                  f"| {'–' if wall is None else f'{wall:.0f} s'} |")
     for metric in METRICS:
         md += ["", f"## {METRIC_LABELS[metric]}", "", *_table(records, lines, metric)]
     (results_dir / "README.md").write_text("\n".join(md) + "\n")
@@ -278,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                    for v in VARIANTS if (results_dir / f"{v.name}.json").is_file()]
         if not records:
             raise AblationError(f"no variant results in {results_dir}; run some variants first")
-        write_summary(records, results_dir)
+        stages_file = Path(args.out_dir) / "stages.json"
+        write_summary(records, results_dir, json.loads(stages_file.read_text()) if stages_file.is_file() else None)
         _log(f"summary: {results_dir / 'README.md'}, {results_dir / 'summary.csv'}")
     except AblationError as e:
         print(f"cifar10_ablation.py: error: {e}", file=sys.stderr)

@@ -58,7 +58,7 @@ def test_summary_of_a_run(tmp_path):
     assert sorted(record["rows"]) == ["cfd_001", "cfd_002", "cfd_004", "pd_001", "pd_002", "pd_004", "pd_008"]
     assert [d["steps"] for d in record["cfd_minus_pd"]] == [4, 2, 1]
     (tmp_path / "paper.json").write_text(json.dumps(record))
-    abl.write_summary([record], tmp_path)
+    abl.write_summary([record], tmp_path, results["stages"])
     with open(tmp_path / "summary.csv") as f:
         lines = list(csv.DictReader(f))
     assert len(lines) == 3 * 3  # 3 step counts x 3 metrics
@@ -75,6 +75,9 @@ def test_summary_of_a_run(tmp_path):
         assert line["verdict"] == ("n.s." if not want["significant"] else
                                    "CFD better" if want["direction"] == "b_lower" else "PD better")
     md = (tmp_path / "README.md").read_text()
-    assert "## fast FID" in md and "## Inception KID×1e3" in md and "| paper |" in md and "12 s" in md
+    assert "## fast FID" in md and "## Inception KID×1e3" in md and "| paper |" in md
+    cfd_wall = sum(v["wall_s"] for k, v in results["stages"].items() if k.startswith("cfd_seed0_tau0.95"))
+    assert abl.training_wall(results["stages"], record) == pytest.approx(cfd_wall)
+    assert f"| {cfd_wall:.0f} s |" in md
     fid_4 = next(ln for ln in lines if ln["steps"] == "4" and ln["metric"] == "fast_fid")
     assert f"{float(fid_4['cfd_mean']):.2f} ± 0.00" in md
