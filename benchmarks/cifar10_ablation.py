@@ -248,6 +248,28 @@ def training_wall(stages: dict[str, Any], record: dict[str, Any]) -> float | Non
     return None if None in walls else float(sum(walls))
 
 
+def against_reference(records: list[dict[str, Any]], reference: str = "paper") -> list[dict[str, Any]]:
+    """Per seed, each variant's CFD metric minus the reference variant's, at every step count."""
+    ref = next((r for r in records if r["variant"] == reference), None)
+    out: list[dict[str, Any]] = []
+    if ref is None:
+        return out
+    for rec in records:
+        if rec is ref:
+            continue
+        common = [s for s in rec["seeds"] if s in ref["seeds"]]
+        for m in ("fast_fid", "inception_kid_x1e3"):
+            steps = {}
+            for n in STEPS:
+                a, b = rec["rows"].get(f"cfd_{n:03d}", {}).get(m), ref["rows"].get(f"cfd_{n:03d}", {}).get(m)
+                if a is None or b is None or not common:
+                    continue
+                diffs = [a["values"][rec["seeds"].index(s)] - b["values"][ref["seeds"].index(s)] for s in common]
+                steps[n] = {"mean": sum(diffs) / len(diffs), "per_seed": diffs, "seeds_worse": sum(d > 0 for d in diffs)}
+            out.append({"variant": rec["variant"], "metric": m, "steps": steps})
+    return out
+
+
 def write_summary(records: list[dict[str, Any]], results_dir: Path, stages: dict[str, Any] | None = None) -> None:
     """``summary.csv``/``summary.json`` (one line per variant, steps, metric) and ``README.md`` (tables).
 
@@ -258,19 +280,30 @@ def write_summary(records: list[dict[str, Any]], results_dir: Path, stages: dict
         writer = csv.DictWriter(f, fieldnames=list(lines[0]) if lines else ["variant"])
         writer.writeheader()
         writer.writerows(lines)
-    (results_dir / "summary.json").write_text(json.dumps(lines, indent=1) + "\n")
     md = ["# CFD ablation, tiny preset", "",
           "Made by `python benchmarks/cifar10_ablation.py` (see docs/results.md for the reading). Values are "
           "means ± standard deviation over the training seeds; CFD − PD is the mean paired difference, "
           "with ✓ (CFD lower) or ✗ (PD lower) when every seed's paired-bootstrap 95% interval excludes 0 on "
           "the same side, and in brackets the number of seeds whose interval is below 0. Lower is better.", "",
-          "| variant | setting | processes × threads | CFD rounds' training, all seeds |", "|---|---|---:|---:|"]
+          "| variant | setting | processes | CFD rounds' training, all seeds |", "|---|---|---:|---:|"]
     for r in records:
         wall = training_wall(stages or {}, r)
-        md.append(f"| {r['variant']} | {r['description']} | {r['processes']} × {r['environment'].get('torch_threads')} "
-                  f"| {'–' if wall is None else f'{wall:.0f} s'} |")
+        md.append(f"| {r['variant']} | {r['description']} | {r['processes']} | {'–' if wall is None else f'{wall:.0f} s'} |")
     for metric in METRICS:
         md += ["", f"## {METRIC_LABELS[metric]}", "", *_table(records, lines, metric)]
+    against = against_reference(records)
+    if against:
+        md += ["", "## Each variant against the paper recipe", "",
+               "Per seed, the variant's CFD student minus the paper recipe's (same seed, same PD base, same "
+               "noise), then the mean over seeds and how many seeds have the variant worse (higher). Not a "
+               "bootstrap: the per-seed values are listed in summary.json.", "",
+               "| variant | metric | " + " | ".join(f"{n} step{'s' * (n > 1)}" for n in STEPS) + " |",
+               "|---|---|" + "---:|" * len(STEPS)]
+        for a in against:
+            cells = [f"{c['mean']:+.2f} ({c['seeds_worse']}/{len(c['per_seed'])} worse)" if c else "–"
+                     for c in (a["steps"].get(n) for n in STEPS)]
+            md.append(f"| {a['variant']} | {METRIC_LABELS[a['metric']]} | " + " | ".join(cells) + " |")
+    (results_dir / "summary.json").write_text(json.dumps({"lines": lines, "against_paper": against}, indent=1) + "\n")
     (results_dir / "README.md").write_text("\n".join(md) + "\n")
 
 

@@ -79,5 +79,15 @@ def test_summary_of_a_run(tmp_path):
     cfd_wall = sum(v["wall_s"] for k, v in results["stages"].items() if k.startswith("cfd_seed0_tau0.95"))
     assert abl.training_wall(results["stages"], record) == pytest.approx(cfd_wall)
     assert f"| {cfd_wall:.0f} s |" in md
+    # a second variant is compared with the paper recipe seed by seed
+    other = json.loads(json.dumps(record))
+    other["variant"] = "beta0"
+    other["rows"]["cfd_001"]["fast_fid"]["values"] = [v + 0.5 for v in other["rows"]["cfd_001"]["fast_fid"]["values"]]
+    (against,) = [a for a in abl.against_reference([record, other]) if a["metric"] == "fast_fid"]
+    assert against["steps"][1]["mean"] == pytest.approx(0.5) and against["steps"][1]["seeds_worse"] == 1
+    assert against["steps"][4]["mean"] == 0 and against["steps"][4]["seeds_worse"] == 0
+    abl.write_summary([record, other], tmp_path, results["stages"])
+    assert "| beta0 | fast FID | +0.00 (0/1 worse) | +0.00 (0/1 worse) | +0.50 (1/1 worse) |" in (
+        tmp_path / "README.md").read_text()
     fid_4 = next(ln for ln in lines if ln["steps"] == "4" and ln["metric"] == "fast_fid")
     assert f"{float(fid_4['cfd_mean']):.2f} ± 0.00" in md
