@@ -5,7 +5,8 @@ the same output folder. The teacher, the 8-step base model, the PD rounds and th
 are therefore made once and shared: a variant trains and scores only its own CFD rounds (their
 folder is named by the setting), and every variant is compared with the same PD students through
 the benchmark's paired bootstrap. Rerunning skips whatever is finished, so an interrupted
-ablation resumes where it stopped.
+ablation resumes where it stopped. Variants in one folder run one after another: two at once
+would overwrite each other's CFD evaluation files (the condensing step checks for that).
 
 Variants (``--variants``, default all):
 
@@ -178,13 +179,27 @@ def condense(results: dict[str, Any], variant: Variant, wall: float) -> dict[str
                 "direction": v["direction"],
                 "per_seed": [{k: s[k] for k in ("seed", "difference", "low", "high")} for s in v["per_seed"]]}
             for m, v in d["metrics"].items()}})
-    return {
+    # The paired differences must be those of the rows' own metrics: two runs sharing the folder at
+    # once would mix their CFD features (one variant at a time per folder).
+    for d in diffs:
+        n = d["steps"]
+        for m in METRICS:
+            if m not in d or f"cfd_{n:03d}" not in rows or f"pd_{n:03d}" not in rows:
+                continue
+            cfd, pd = rows[f"cfd_{n:03d}"][m]["values"], rows[f"pd_{n:03d}"][m]["values"]
+            for i, s in enumerate(d[m]["per_seed"]):
+                if abs(s["difference"] - (cfd[i] - pd[i])) > 1e-6 * (1 + abs(cfd[i])):
+                    raise AblationError(f"variant {variant.name}: the paired {m} difference at {n} steps does not "
+                                        "match its rows (another run used the folder at the same time?); rerun it")
+    record = {
         "variant": variant.name, "description": variant.description, "flags": list(variant.flags),
         "processes": results["processes"], "command": results["command"], "cfd": results["cfd"],
         "seeds": results["seeds"], "precision": results["precision"], "significance_rule": results["significance_rule"],
         "rows": rows, "cfd_minus_pd": sorted(diffs, key=lambda d: -d["steps"]), "verdict": results["verdict"],
         "stage_wall_s": results["stage_wall_s"], "variant_wall_s": wall, "environment": results["environment"],
     }
+    record["cfd_training_wall_s"] = training_wall(results.get("stages", {}), record)
+    return record
 
 
 def _verdict(m: dict[str, Any]) -> str:
@@ -287,7 +302,7 @@ def write_summary(records: list[dict[str, Any]], results_dir: Path, stages: dict
           "the same side, and in brackets the number of seeds whose interval is below 0. Lower is better.", "",
           "| variant | setting | processes | CFD rounds' training, all seeds |", "|---|---|---:|---:|"]
     for r in records:
-        wall = training_wall(stages or {}, r)
+        wall = r.get("cfd_training_wall_s") or training_wall(stages or {}, r)
         md.append(f"| {r['variant']} | {r['description']} | {r['processes']} | {'–' if wall is None else f'{wall:.0f} s'} |")
     for metric in METRICS:
         md += ["", f"## {METRIC_LABELS[metric]}", "", *_table(records, lines, metric)]

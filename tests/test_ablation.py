@@ -57,6 +57,14 @@ def test_summary_of_a_run(tmp_path):
     record = abl.condense(results, abl.BY_NAME["paper"], wall=12.0)
     assert sorted(record["rows"]) == ["cfd_001", "cfd_002", "cfd_004", "pd_001", "pd_002", "pd_004", "pd_008"]
     assert [d["steps"] for d in record["cfd_minus_pd"]] == [4, 2, 1]
+    assert record["cfd_training_wall_s"] == pytest.approx(
+        sum(v["wall_s"] for k, v in results["stages"].items() if k.startswith("cfd_seed0_tau0.95")))
+    # a paired difference that is not its rows' (features overwritten by a concurrent run) is refused
+    broken = json.loads(json.dumps(results))
+    next(d for d in broken["differences"] if d["kind"] == "cfd_vs_pd")["metrics"]["fast_fid"]["per_seed"][0][
+        "difference"] += 0.1
+    with pytest.raises(abl.AblationError, match="does not match its rows"):
+        abl.condense(broken, abl.BY_NAME["paper"], wall=12.0)
     (tmp_path / "paper.json").write_text(json.dumps(record))
     abl.write_summary([record], tmp_path, results["stages"])
     with open(tmp_path / "summary.csv") as f:
