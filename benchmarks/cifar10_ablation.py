@@ -23,7 +23,8 @@ Variants (``--variants``, default all):
 Outputs, under ``--results-dir`` (default ``benchmarks/results/ablation``): ``<variant>.json``
 (that run's PD and CFD rows, CFD - PD differences and timings, condensed from its
 ``results.json``), ``summary.csv`` (one line per variant, step count and metric, for plotting),
-``summary.json`` and ``README.md`` (the tables).
+``summary.json``, ``README.md`` (the tables) and ``figures/<variant>_seed<s>.png`` (teacher, PD and
+CFD samples from the same noise, first seed).
 
     python benchmarks/cifar10_ablation.py                          # all variants, seeds 0 1 2
     python benchmarks/cifar10_ablation.py --variants paper beta0 --seeds 0
@@ -35,6 +36,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -336,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.variants:
                 record = run_variant(BY_NAME[name], args)
                 (results_dir / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+                seed = record["seeds"][0]  # the comparison figure of the first seed, to look at
+                figure = Path(args.out_dir) / "figures" / f"comparison_seed{seed}.png"
+                if figure.is_file():
+                    (results_dir / "figures").mkdir(exist_ok=True)
+                    shutil.copyfile(figure, results_dir / "figures" / f"{name}_seed{seed}.png")
                 _log(f"variant {name}: done in {record['variant_wall_s']:.0f} s -> {results_dir / (name + '.json')}")
         records = [json.loads((results_dir / f"{v.name}.json").read_text())
                    for v in VARIANTS if (results_dir / f"{v.name}.json").is_file()]
