@@ -126,3 +126,18 @@ def test_needs_markers_are_parsed():
     assert python_blocks("<!-- needs: cifar10 -->\nprose\n```python\nD = 4\n```\n")[0].needs == frozenset()
     with pytest.raises(ValueError, match="unknown needs"):
         python_blocks("<!-- needs: imagenet -->\n```python\nE = 5\n```\n")
+
+
+def test_relative_links_resolve():
+    """Every relative link of README.md and docs/*.md names a file or folder of the repository."""
+    import re
+
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if "://" in target or target.startswith(("#", "mailto:")):
+                continue
+            path = (page.parent / target.split("#", 1)[0]).resolve()
+            if not path.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken
