@@ -14,6 +14,7 @@ Variants (``--variants``, default all):
 * ``beta0``      beta 0: the feature KL alone, no dataset-oriented loss
 * ``tau0.5``     temperature 0.5 (sharper teacher targets)
 * ``tau2``       temperature 2 (softer teacher targets)
+* ``pixel0.1``   the paper's CFD loss plus 0.1 x the PD pixel loss
 * ``pixel1``     the paper's CFD loss plus 1 x the PD pixel loss (same order of magnitude here)
 * ``localdiv``   2 processes under torchrun, diversity term over each process's half of the batch;
                  compare with ``paper``, whose global-batch term 2 processes compute exactly as one
@@ -67,6 +68,7 @@ VARIANTS = (
     Variant("beta0", "beta 0: feature KL only, no dataset-oriented loss", ("--beta", "0")),
     Variant("tau0.5", "temperature tau 0.5 (sharper teacher targets)", ("--temperature", "0.5")),
     Variant("tau2", "temperature tau 2 (softer teacher targets)", ("--temperature", "2")),
+    Variant("pixel0.1", "paper recipe + 0.1 x PD pixel loss", ("--pixel-weight", "0.1")),
     Variant("pixel1", "paper recipe + 1 x PD pixel loss", ("--pixel-weight", "1")),
     Variant("localdiv", "2 processes, diversity term over each process's batch (16 of 32)",
             ("--diversity", "local"), processes=2),
