@@ -260,7 +260,7 @@ def _table(records: list[dict[str, Any]], lines: list[dict[str, Any]], metric: s
 
 
 def training_wall(stages: dict[str, Any], record: dict[str, Any]) -> float | None:
-    """Seconds the variant's CFD rounds trained, all seeds, from the run's ``stages.json``."""
+    """Seconds the variant's CFD rounds trained, all seeds, from the run's stage records (``stages``)."""
     cfd = record["cfd"]  # results from before "tag" was recorded had only the paper's three numbers
     tag = cfd.get("tag") or f"tau{cfd['temperature']:g}_beta{cfd['beta']:g}_gamma{cfd['gamma']:g}"
     walls = [stages.get(f"cfd_seed{seed}_{tag}_steps{n}", {}).get("wall_s") for seed in record["seeds"] for n in STEPS]
@@ -289,11 +289,8 @@ def against_reference(records: list[dict[str, Any]], reference: str = "paper") -
     return out
 
 
-def write_summary(records: list[dict[str, Any]], results_dir: Path, stages: dict[str, Any] | None = None) -> None:
-    """``summary.csv``/``summary.json`` (one line per variant, steps, metric) and ``README.md`` (tables).
-
-    ``stages`` is the shared run's ``stages.json``, for the CFD training time of each variant.
-    """
+def write_summary(records: list[dict[str, Any]], results_dir: Path) -> None:
+    """``summary.csv``/``summary.json`` (one line per variant, steps, metric) and ``README.md`` (tables)."""
     lines = summary_lines(records)
     with open(results_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(lines[0]) if lines else ["variant"])
@@ -306,7 +303,7 @@ def write_summary(records: list[dict[str, Any]], results_dir: Path, stages: dict
           "the same side, and in brackets the number of seeds whose interval is below 0. Lower is better.", "",
           "| variant | setting | processes | CFD rounds' training, all seeds |", "|---|---|---:|---:|"]
     for r in records:
-        wall = r.get("cfd_training_wall_s") or training_wall(stages or {}, r)
+        wall = r.get("cfd_training_wall_s")
         md.append(f"| {r['variant']} | {r['description']} | {r['processes']} | {'–' if wall is None else f'{wall:.0f} s'} |")
     for metric in METRICS:
         md += ["", f"## {METRIC_LABELS[metric]}", "", *_table(records, lines, metric)]
@@ -350,8 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                    for v in VARIANTS if (results_dir / f"{v.name}.json").is_file()]
         if not records:
             raise AblationError(f"no variant results in {results_dir}; run some variants first")
-        stages_file = Path(args.out_dir) / "stages.json"
-        write_summary(records, results_dir, json.loads(stages_file.read_text()) if stages_file.is_file() else None)
+        write_summary(records, results_dir)
         _log(f"summary: {results_dir / 'README.md'}, {results_dir / 'summary.csv'}")
     except AblationError as e:
         print(f"cifar10_ablation.py: error: {e}", file=sys.stderr)

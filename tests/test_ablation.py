@@ -66,7 +66,7 @@ def test_summary_of_a_run(tmp_path):
     with pytest.raises(abl.AblationError, match="does not match its rows"):
         abl.condense(broken, abl.BY_NAME["paper"], wall=12.0)
     (tmp_path / "paper.json").write_text(json.dumps(record))
-    abl.write_summary([record], tmp_path, results["stages"])
+    abl.write_summary([record], tmp_path)
     with open(tmp_path / "summary.csv") as f:
         lines = list(csv.DictReader(f))
     assert len(lines) == 3 * 3  # 3 step counts x 3 metrics
@@ -94,7 +94,7 @@ def test_summary_of_a_run(tmp_path):
     (against,) = [a for a in abl.against_reference([record, other]) if a["metric"] == "fast_fid"]
     assert against["steps"][1]["mean"] == pytest.approx(0.5) and against["steps"][1]["seeds_worse"] == 1
     assert against["steps"][4]["mean"] == 0 and against["steps"][4]["seeds_worse"] == 0
-    abl.write_summary([record, other], tmp_path, results["stages"])
+    abl.write_summary([record, other], tmp_path)
     assert "| beta0 | fast FID | +0.00 (0/1 worse) | +0.00 (0/1 worse) | +0.50 (1/1 worse) |" in (
         tmp_path / "README.md").read_text()
     fid_4 = next(ln for ln in lines if ln["steps"] == "4" and ln["metric"] == "fast_fid")
